@@ -1,0 +1,834 @@
+//! Configuration, in stages (DESIGN.md): parse the TOML (serde, unknown keys refused) →
+//! validate (pure, every problem named with its line) → resolve (reads the files the
+//! configuration points to). The result, [`Config`], is what the rest of the daemon uses.
+
+use id06_protocol::{is_valid_topic_level, Direction, DEFAULT_TOPIC_PREFIX};
+use id06_readers::simulated::Script;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+/// A configuration problem: one line, naming the file, the line and the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+// ---------------------------------------------------------------------------------------
+// Stage 1: the file as written.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    site_id: Spanned<String>,
+    terminal_id: Spanned<String>,
+    data_dir: Spanned<String>,
+    #[serde(default)]
+    mqtt: RawMqtt,
+    #[serde(default, rename = "reader")]
+    readers: Vec<RawReader>,
+    #[serde(default)]
+    debounce: DebounceSettings,
+    #[serde(default)]
+    events: EventsSettings,
+    #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
+    blocklist: BlocklistSettings,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMqtt {
+    url: Option<Spanned<String>>,
+    client_id: Option<String>,
+    username: Option<String>,
+    password_file: Option<String>,
+    ca_file: Option<String>,
+    client_cert: Option<String>,
+    client_key: Option<String>,
+    topic_prefix: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReader {
+    name: Spanned<String>,
+    kind: ReaderKind,
+    #[serde(rename = "match")]
+    pattern: Option<String>,
+    path: Option<String>,
+    baud: Option<u32>,
+    script: Option<String>,
+    poll_ms: Option<u64>,
+    direction: DirectionMode,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Spanned<String>>,
+}
+
+/// The kind of a reader (SPEC §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReaderKind {
+    /// A PC/SC reader through pcscd.
+    Pcsc,
+    /// A PN532 over a serial line (HSU).
+    Pn532,
+    /// A serial reader that prints each UID as a line of hex.
+    Line,
+    /// A timeline played by the daemon itself.
+    Simulated,
+}
+
+/// How a reader's taps get their direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DirectionMode {
+    /// Every tap checks in.
+    In,
+    /// Every tap checks out.
+    Out,
+    /// A card's taps alternate in/out, persisted; in again after 12 hours.
+    Toggle,
+}
+
+impl DirectionMode {
+    /// The fixed direction, or `None` for toggle.
+    pub fn fixed(self) -> Option<Direction> {
+        match self {
+            DirectionMode::In => Some(Direction::In),
+            DirectionMode::Out => Some(Direction::Out),
+            DirectionMode::Toggle => None,
+        }
+    }
+}
+
+/// `[debounce]` (SPEC §4, §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DebounceSettings {
+    /// Absence that ends a presentation.
+    pub gone_ms: u64,
+    /// Same card, same reader: a new tap sooner than this after the last is a duplicate.
+    pub repeat_ms: u64,
+    /// Presence changes without a complete read ...
+    pub flap_limit: u32,
+    /// ... within this window: the card is being waved.
+    pub flap_window_ms: u64,
+}
+
+impl Default for DebounceSettings {
+    fn default() -> Self {
+        DebounceSettings {
+            gone_ms: 500,
+            repeat_ms: 5000,
+            flap_limit: 4,
+            flap_window_ms: 2000,
+        }
+    }
+}
+
+/// `[events]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsSettings {
+    /// Delivered events are kept this many days for `events export`.
+    pub keep_days: u32,
+}
+
+impl Default for EventsSettings {
+    fn default() -> Self {
+        EventsSettings { keep_days: 14 }
+    }
+}
+
+/// What to do when the blocklist is older than `max_age_hours`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenStale {
+    /// Decide as usual (the event is flagged).
+    Allow,
+    /// Deny cards that are not on the list too (the event is flagged).
+    Deny,
+}
+
+/// `[blocklist]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BlocklistSettings {
+    /// Older than this the list is stale.
+    pub max_age_hours: u64,
+    /// What a stale list means for unlisted cards.
+    pub when_stale: WhenStale,
+    /// Ed25519 public key that updates must be signed with (base64 or hex).
+    pub public_key: Option<String>,
+}
+
+impl Default for BlocklistSettings {
+    fn default() -> Self {
+        BlocklistSettings {
+            max_age_hours: 48,
+            when_stale: WhenStale::Allow,
+            public_key: None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Stages 2 and 3: validated and resolved.
+
+/// The broker connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttSettings {
+    /// The URL as configured.
+    pub url: String,
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// `mqtts://`.
+    pub tls: bool,
+    /// MQTT client id.
+    pub client_id: String,
+    /// Optional user name.
+    pub username: Option<String>,
+    /// File holding the password.
+    pub password_file: Option<PathBuf>,
+    /// CA certificate(s) for mqtts.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate for mqtts.
+    pub client_cert: Option<PathBuf>,
+    /// Client key for mqtts.
+    pub client_key: Option<PathBuf>,
+    /// Topic prefix.
+    pub topic_prefix: String,
+}
+
+/// How to talk to one reader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriverSettings {
+    /// PC/SC: the first reader whose name contains `pattern`.
+    Pcsc {
+        /// Substring of the PC/SC reader name.
+        pattern: String,
+    },
+    /// PN532 over a serial line.
+    Pn532 {
+        /// Serial device.
+        path: PathBuf,
+        /// Baud rate.
+        baud: u32,
+        /// Poll interval.
+        poll: Duration,
+    },
+    /// Line-based serial reader.
+    Line {
+        /// Serial device.
+        path: PathBuf,
+        /// Baud rate.
+        baud: u32,
+    },
+    /// A simulated timeline.
+    Simulated {
+        /// The timeline file.
+        script_path: PathBuf,
+        /// The parsed timeline.
+        script: Script,
+        /// Poll interval.
+        poll: Duration,
+    },
+}
+
+/// One configured reader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReaderSettings {
+    /// Unique name; in events and topics.
+    pub name: String,
+    /// Its kind.
+    pub kind: ReaderKind,
+    /// In, out or toggle.
+    pub direction: DirectionMode,
+    /// How to reach it.
+    pub driver: DriverSettings,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The file it came from.
+    pub source: PathBuf,
+    /// The site in the ledger.
+    pub site_id: String,
+    /// This gateway.
+    pub terminal_id: String,
+    /// The sled database's directory.
+    pub data_dir: PathBuf,
+    /// The broker.
+    pub mqtt: MqttSettings,
+    /// The readers, in configuration order (their index is their identity at run time).
+    pub readers: Vec<ReaderSettings>,
+    /// Debouncing.
+    pub debounce: DebounceSettings,
+    /// Event retention.
+    pub events: EventsSettings,
+    /// Prometheus endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Blocklist policy.
+    pub blocklist: BlocklistSettings,
+}
+
+/// Where a byte offset lies: 1-based line and column.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+struct Located<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Located<'_> {
+    fn at(&self, span: std::ops::Range<usize>, message: impl fmt::Display) -> ConfigError {
+        let (line, _) = line_col(self.text, span.start);
+        ConfigError(format!("{}:{line}: {message}", self.file.display()))
+    }
+
+    fn whole(&self, message: impl fmt::Display) -> ConfigError {
+        ConfigError(format!("{}: {message}", self.file.display()))
+    }
+}
+
+/// Splits `mqtt://host:port` / `mqtts://host:port` (IPv6 hosts in brackets).
+fn parse_broker_url(url: &str) -> Result<(String, u16, bool), String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err(format!(
+            "[mqtt] url {url:?} must start with mqtt:// or mqtts://"
+        ));
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.contains('/') || rest.contains('@') || rest.contains('?') {
+        return Err(format!(
+            "[mqtt] url {url:?} must be scheme://host[:port] only (credentials go in username and password_file)"
+        ));
+    }
+    let default_port = if tls { 8883 } else { 1883 };
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("[mqtt] url {url:?} has an unclosed '['"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err(format!("[mqtt] url {url:?} has junk after the host")),
+        };
+        (h.to_string(), port)
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (rest.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("[mqtt] url {url:?} has no host"));
+    }
+    let port = match port {
+        None => default_port,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("[mqtt] url {url:?}: {p:?} is not a port number"))?,
+    };
+    Ok((host, port, tls))
+}
+
+impl Config {
+    /// Reads, validates and resolves a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(format!(
+                "cannot read the configuration file {}: {e}",
+                path.display()
+            ))
+        })?;
+        Config::from_text(path, &text)
+    }
+
+    /// Validates and resolves configuration text as if read from `path` (relative paths are
+    /// relative to `path`'s folder).
+    pub fn from_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let loc = Located { file: path, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| match e.span() {
+            Some(span) => loc.at(span, e.message().trim()),
+            None => loc.whole(e.message().trim()),
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let resolve = |p: &str| -> PathBuf {
+            let p = Path::new(p);
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+
+        for (key, value) in [("site_id", &raw.site_id), ("terminal_id", &raw.terminal_id)] {
+            if !is_valid_topic_level(value.get_ref()) || value.get_ref().contains(':') {
+                return Err(loc.at(
+                    value.span(),
+                    format!(
+                        "{key} {:?} must be 1-128 characters without '/', '+', '#', ':' or control characters",
+                        value.get_ref()
+                    ),
+                ));
+            }
+        }
+        if raw.data_dir.get_ref().trim().is_empty() {
+            return Err(loc.at(raw.data_dir.span(), "data_dir is empty"));
+        }
+
+        // [mqtt]
+        let url_spanned = raw.mqtt.url.clone();
+        let url = url_spanned
+            .as_ref()
+            .map(|s| s.get_ref().clone())
+            .unwrap_or_else(|| "mqtt://127.0.0.1:1883".to_string());
+        let (host, port, tls) = parse_broker_url(&url).map_err(|m| match &url_spanned {
+            Some(s) => loc.at(s.span(), m),
+            None => loc.whole(m),
+        })?;
+        let topic_prefix = match &raw.mqtt.topic_prefix {
+            Some(p) => {
+                let v = p.get_ref().trim_end_matches('/').to_string();
+                if v.is_empty() || v.split('/').any(|lvl| !is_valid_topic_level(lvl)) {
+                    return Err(loc.at(
+                        p.span(),
+                        format!("[mqtt] topic_prefix {:?} must be non-empty topic levels without wildcards", p.get_ref()),
+                    ));
+                }
+                v
+            }
+            None => DEFAULT_TOPIC_PREFIX.to_string(),
+        };
+        if !tls
+            && (raw.mqtt.ca_file.is_some()
+                || raw.mqtt.client_cert.is_some()
+                || raw.mqtt.client_key.is_some())
+        {
+            return Err(loc.whole(
+                "[mqtt] ca_file, client_cert and client_key need an mqtts:// url",
+            ));
+        }
+        if raw.mqtt.client_cert.is_some() != raw.mqtt.client_key.is_some() {
+            return Err(loc.whole(
+                "[mqtt] client_cert and client_key go together: set both or neither",
+            ));
+        }
+        if raw.mqtt.password_file.is_some() && raw.mqtt.username.is_none() {
+            return Err(loc.whole("[mqtt] password_file needs a username"));
+        }
+        let mqtt = MqttSettings {
+            url,
+            host,
+            port,
+            tls,
+            client_id: raw
+                .mqtt
+                .client_id
+                .clone()
+                .unwrap_or_else(|| format!("id06d-{}", raw.terminal_id.get_ref())),
+            username: raw.mqtt.username.clone(),
+            password_file: raw.mqtt.password_file.as_deref().map(resolve),
+            ca_file: raw.mqtt.ca_file.as_deref().map(resolve),
+            client_cert: raw.mqtt.client_cert.as_deref().map(resolve),
+            client_key: raw.mqtt.client_key.as_deref().map(resolve),
+            topic_prefix,
+        };
+        if mqtt.client_id.is_empty() || mqtt.client_id.len() > 256 {
+            return Err(loc.whole("[mqtt] client_id must be 1-256 characters"));
+        }
+
+        // [debounce]
+        let d = raw.debounce;
+        if d.gone_ms == 0 || d.gone_ms > 60_000 {
+            return Err(loc.whole("[debounce] gone_ms must be between 1 and 60000"));
+        }
+        if d.repeat_ms > 24 * 3600 * 1000 {
+            return Err(loc.whole("[debounce] repeat_ms must be at most one day"));
+        }
+        if d.flap_limit < 2 {
+            return Err(loc.whole("[debounce] flap_limit must be at least 2"));
+        }
+        if d.flap_window_ms == 0 {
+            return Err(loc.whole("[debounce] flap_window_ms must be more than 0"));
+        }
+        if raw.events.keep_days == 0 || raw.events.keep_days > 3650 {
+            return Err(loc.whole("[events] keep_days must be between 1 and 3650"));
+        }
+        if raw.blocklist.max_age_hours == 0 {
+            return Err(loc.whole("[blocklist] max_age_hours must be more than 0"));
+        }
+
+        let metrics_listen = match &raw.metrics.listen {
+            None => None,
+            Some(s) => Some(s.get_ref().parse::<SocketAddr>().map_err(|_| {
+                loc.at(
+                    s.span(),
+                    format!("[metrics] listen {:?} is not an address:port", s.get_ref()),
+                )
+            })?),
+        };
+
+        // [[reader]]
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut readers = Vec::with_capacity(raw.readers.len());
+        for r in &raw.readers {
+            let name = r.name.get_ref().clone();
+            let (line, _) = line_col(text, r.name.span().start);
+            let here = |m: String| loc.at(r.name.span(), format!("reader {name:?}: {m}"));
+            if !is_valid_topic_level(&name) {
+                return Err(here(
+                    "the name must be 1-128 characters without '/', '+', '#' or control characters"
+                        .into(),
+                ));
+            }
+            if let Some(first) = seen.insert(name.clone(), line) {
+                return Err(here(format!(
+                    "the name is used twice (first on line {first}); reader names must be unique"
+                )));
+            }
+            let unexpected = |key: &str, present: bool| -> Result<(), ConfigError> {
+                if present {
+                    Err(here(format!(
+                        "key `{key}` does not apply to kind \"{}\"",
+                        kind_name(r.kind)
+                    )))
+                } else {
+                    Ok(())
+                }
+            };
+            let need = |key: &str, v: &Option<String>| -> Result<String, ConfigError> {
+                v.clone().filter(|s| !s.trim().is_empty()).ok_or_else(|| {
+                    here(format!(
+                        "kind \"{}\" needs `{key}`",
+                        kind_name(r.kind)
+                    ))
+                })
+            };
+            let poll = |default: u64| -> Result<Duration, ConfigError> {
+                let ms = r.poll_ms.unwrap_or(default);
+                if !(10..=10_000).contains(&ms) {
+                    return Err(here(format!("poll_ms {ms} must be between 10 and 10000")));
+                }
+                Ok(Duration::from_millis(ms))
+            };
+            let baud = |default: u32| -> Result<u32, ConfigError> {
+                let b = r.baud.unwrap_or(default);
+                if !(300..=4_000_000).contains(&b) {
+                    return Err(here(format!("baud {b} must be between 300 and 4000000")));
+                }
+                Ok(b)
+            };
+            let driver = match r.kind {
+                ReaderKind::Pcsc => {
+                    unexpected("path", r.path.is_some())?;
+                    unexpected("baud", r.baud.is_some())?;
+                    unexpected("script", r.script.is_some())?;
+                    unexpected("poll_ms", r.poll_ms.is_some())?;
+                    DriverSettings::Pcsc {
+                        pattern: need("match", &r.pattern)?,
+                    }
+                }
+                ReaderKind::Pn532 => {
+                    unexpected("match", r.pattern.is_some())?;
+                    unexpected("script", r.script.is_some())?;
+                    DriverSettings::Pn532 {
+                        path: resolve(&need("path", &r.path)?),
+                        baud: baud(115_200)?,
+                        poll: poll(100)?,
+                    }
+                }
+                ReaderKind::Line => {
+                    unexpected("match", r.pattern.is_some())?;
+                    unexpected("script", r.script.is_some())?;
+                    unexpected("poll_ms", r.poll_ms.is_some())?;
+                    DriverSettings::Line {
+                        path: resolve(&need("path", &r.path)?),
+                        baud: baud(9600)?,
+                    }
+                }
+                ReaderKind::Simulated => {
+                    unexpected("match", r.pattern.is_some())?;
+                    unexpected("path", r.path.is_some())?;
+                    unexpected("baud", r.baud.is_some())?;
+                    let script_path = resolve(&need("script", &r.script)?);
+                    let script = Script::load(&script_path)
+                        .map_err(|m| here(format!("the simulated timeline: {m}")))?;
+                    DriverSettings::Simulated {
+                        script_path,
+                        script,
+                        poll: poll(100)?,
+                    }
+                }
+            };
+            readers.push(ReaderSettings {
+                name,
+                kind: r.kind,
+                direction: r.direction,
+                driver,
+            });
+        }
+
+        Ok(Config {
+            source: path.to_path_buf(),
+            site_id: raw.site_id.into_inner(),
+            terminal_id: raw.terminal_id.into_inner(),
+            data_dir: resolve(raw.data_dir.get_ref()),
+            mqtt,
+            readers,
+            debounce: d,
+            events: raw.events,
+            metrics_listen,
+            blocklist: raw.blocklist,
+        })
+    }
+
+    /// The effective configuration as TOML, for `check-config`.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let q = |v: &str| toml::Value::String(v.to_string()).to_string();
+        let p = |v: &Path| q(&v.display().to_string());
+        let _ = writeln!(s, "# effective configuration of {}", self.source.display());
+        let _ = writeln!(s, "site_id     = {}", q(&self.site_id));
+        let _ = writeln!(s, "terminal_id = {}", q(&self.terminal_id));
+        let _ = writeln!(s, "data_dir    = {}", p(&self.data_dir));
+        let _ = writeln!(s, "\n[mqtt]");
+        let m = &self.mqtt;
+        let _ = writeln!(s, "url          = {}   # host {} port {}{}", q(&m.url), m.host, m.port, if m.tls { ", TLS" } else { "" });
+        let _ = writeln!(s, "client_id    = {}", q(&m.client_id));
+        if let Some(u) = &m.username {
+            let _ = writeln!(s, "username     = {}", q(u));
+        }
+        for (k, v) in [
+            ("password_file", &m.password_file),
+            ("ca_file", &m.ca_file),
+            ("client_cert", &m.client_cert),
+            ("client_key", &m.client_key),
+        ] {
+            if let Some(v) = v {
+                let _ = writeln!(s, "{k:<12} = {}", p(v));
+            }
+        }
+        let _ = writeln!(s, "topic_prefix = {}", q(&m.topic_prefix));
+        for r in &self.readers {
+            let _ = writeln!(s, "\n[[reader]]");
+            let _ = writeln!(s, "name      = {}", q(&r.name));
+            let _ = writeln!(s, "kind      = {}", q(kind_name(r.kind)));
+            match &r.driver {
+                DriverSettings::Pcsc { pattern } => {
+                    let _ = writeln!(s, "match     = {}", q(pattern));
+                }
+                DriverSettings::Pn532 { path, baud, poll } => {
+                    let _ = writeln!(s, "path      = {}\nbaud      = {baud}\npoll_ms   = {}", p(path), poll.as_millis());
+                }
+                DriverSettings::Line { path, baud } => {
+                    let _ = writeln!(s, "path      = {}\nbaud      = {baud}", p(path));
+                }
+                DriverSettings::Simulated { script_path, script, poll } => {
+                    let _ = writeln!(
+                        s,
+                        "script    = {}   # {} steps\npoll_ms   = {}",
+                        p(script_path),
+                        script.steps().len(),
+                        poll.as_millis()
+                    );
+                }
+            }
+            let dir = match r.direction {
+                DirectionMode::In => "in",
+                DirectionMode::Out => "out",
+                DirectionMode::Toggle => "toggle",
+            };
+            let _ = writeln!(s, "direction = {}", q(dir));
+        }
+        let d = &self.debounce;
+        let _ = writeln!(
+            s,
+            "\n[debounce]\ngone_ms        = {}\nrepeat_ms      = {}\nflap_limit     = {}\nflap_window_ms = {}",
+            d.gone_ms, d.repeat_ms, d.flap_limit, d.flap_window_ms
+        );
+        let _ = writeln!(s, "\n[events]\nkeep_days = {}", self.events.keep_days);
+        if let Some(l) = self.metrics_listen {
+            let _ = writeln!(s, "\n[metrics]\nlisten = {}", q(&l.to_string()));
+        }
+        let b = &self.blocklist;
+        let _ = writeln!(
+            s,
+            "\n[blocklist]\nmax_age_hours = {}\nwhen_stale    = {}",
+            b.max_age_hours,
+            q(match b.when_stale {
+                WhenStale::Allow => "allow",
+                WhenStale::Deny => "deny",
+            })
+        );
+        match &b.public_key {
+            Some(k) => {
+                let _ = writeln!(s, "public_key    = {}", q(k));
+            }
+            None => {
+                let _ = writeln!(
+                    s,
+                    "# warning: no public_key: blocklist updates are accepted unsigned"
+                );
+            }
+        }
+        s
+    }
+}
+
+/// The configuration spelling of a kind.
+pub fn kind_name(kind: ReaderKind) -> &'static str {
+    match kind {
+        ReaderKind::Pcsc => "pcsc",
+        ReaderKind::Pn532 => "pn532",
+        ReaderKind::Line => "line",
+        ReaderKind::Simulated => "simulated",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+site_id     = "SE-0001"
+terminal_id = "gate-north-1"
+data_dir    = "data"
+
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+
+[[reader]]
+name      = "entry"
+kind      = "pcsc"
+match     = "ACR122"
+direction = "in"
+
+[[reader]]
+name      = "exit"
+kind      = "pn532"
+path      = "/dev/ttyUSB0"
+direction = "out"
+"#;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_text(Path::new("/etc/id06d/id06d.toml"), text)
+    }
+
+    #[test]
+    fn good_file_resolves_with_defaults() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/etc/id06d/data"));
+        assert_eq!(c.mqtt.client_id, "id06d-gate-north-1");
+        assert_eq!(c.mqtt.topic_prefix, "id06/v1");
+        assert_eq!(c.debounce, DebounceSettings::default());
+        assert_eq!(c.events.keep_days, 14);
+        assert_eq!(c.blocklist.max_age_hours, 48);
+        assert_eq!(
+            c.readers[1].driver,
+            DriverSettings::Pn532 {
+                path: "/dev/ttyUSB0".into(),
+                baud: 115_200,
+                poll: Duration::from_millis(100)
+            }
+        );
+        // The rendering is itself a valid configuration (for the non-simulated readers).
+        let again = load(&c.render()).unwrap();
+        assert_eq!(again.readers, c.readers);
+        assert_eq!(again.mqtt, c.mqtt);
+    }
+
+    #[test]
+    fn a_typo_names_the_key_and_the_line() {
+        let text = GOOD.replace("match     = \"ACR122\"", "mach      = \"ACR122\"");
+        let e = load(&text).unwrap_err().0;
+        assert!(e.starts_with("/etc/id06d/id06d.toml:12:"), "{e}");
+        assert!(e.contains("mach"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_line() {
+        let text = GOOD.replace("[mqtt]", "[debounce]\ngone_ms = \"fast\"\n[mqtt]");
+        let e = load(&text).unwrap_err().0;
+        assert!(e.contains(":7:"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn a_duplicate_reader_name_names_both_lines() {
+        let text = GOOD.replace("name      = \"exit\"", "name      = \"entry\"");
+        let e = load(&text).unwrap_err().0;
+        assert!(e.contains(":16:"), "{e}");
+        assert!(e.contains("first on line 10"), "{e}");
+    }
+
+    #[test]
+    fn kinds_need_their_keys() {
+        let text = GOOD.replace("path      = \"/dev/ttyUSB0\"\n", "");
+        assert!(load(&text).unwrap_err().0.contains("needs `path`"));
+        let text = GOOD.replace("match     = \"ACR122\"", "match = \"A\"\nbaud = 9600");
+        assert!(load(&text).unwrap_err().0.contains("`baud` does not apply"));
+    }
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(parse_broker_url("mqtt://h").unwrap(), ("h".into(), 1883, false));
+        assert_eq!(parse_broker_url("mqtts://h:1").unwrap(), ("h".into(), 1, true));
+        assert_eq!(parse_broker_url("mqtt://[::1]:99").unwrap(), ("::1".into(), 99, false));
+        for bad in ["http://h", "mqtt://", "mqtt://h:0", "mqtt://h:x", "mqtt://u:p@h", "mqtt://h/x"] {
+            assert!(parse_broker_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for (from, to, needle) in [
+            ("terminal_id = \"gate-north-1\"", "terminal_id = \"a/b\"", "terminal_id"),
+            ("[mqtt]", "[debounce]\nflap_limit = 1\n[mqtt]", "flap_limit"),
+            ("direction = \"in\"", "direction = \"sideways\"", "sideways"),
+            ("kind      = \"pcsc\"", "kind      = \"nfc\"", "nfc"),
+        ] {
+            let e = load(&GOOD.replace(from, to)).unwrap_err().0;
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_missing_timeline_is_reported_with_the_reader() {
+        let text = format!(
+            "{GOOD}\n[[reader]]\nname = \"demo\"\nkind = \"simulated\"\nscript = \"nope.txt\"\ndirection = \"toggle\"\n"
+        );
+        let e = load(&text).unwrap_err().0;
+        assert!(e.contains("reader \"demo\""), "{e}");
+        assert!(e.contains("nope.txt"), "{e}");
+    }
+}

@@ -1,0 +1,41 @@
+//! Starting the configured readers' drivers: one task (or, for blocking PC/SC calls, one
+//! named OS thread inside the driver) per reader, all reporting into one bounded channel.
+
+use crate::config::{DriverSettings, ReaderSettings};
+use id06_protocol::ReaderState;
+use id06_readers::{simulated, CancellationToken, ReaderMessage, ReaderSink, Report};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Starts reader number `index`. The task ends when the driver finishes, the channel
+/// closes or `shutdown` is cancelled.
+pub fn spawn_reader(
+    index: usize,
+    reader: &ReaderSettings,
+    tx: mpsc::Sender<ReaderMessage>,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    let sink = ReaderSink::new(index, tx);
+    let name = reader.name.clone();
+    let driver = reader.driver.clone();
+    tokio::spawn(async move {
+        let result = match driver {
+            DriverSettings::Simulated { script, poll, .. } => {
+                simulated::run(&name, script, poll, sink, shutdown).await
+            }
+            DriverSettings::Pcsc { .. } | DriverSettings::Pn532 { .. } | DriverSettings::Line { .. } => {
+                // Not yet in this build: say so on the reader topic instead of pretending.
+                let _ = sink
+                    .send(Report::Health {
+                        state: ReaderState::Failed,
+                        error: Some("this reader kind is not supported by this build yet".into()),
+                    })
+                    .await;
+                Ok(())
+            }
+        };
+        if result.is_err() {
+            tracing::debug!(reader = %name, "reader stopped: the daemon is shutting down");
+        }
+    })
+}
