@@ -23,19 +23,21 @@ pub fn spawn_reader(
             DriverSettings::Simulated { script, poll, .. } => {
                 simulated::run(&name, script, poll, sink, shutdown).await
             }
-            DriverSettings::Pcsc { .. } | DriverSettings::Pn532 { .. } | DriverSettings::Line { .. } => {
-                // Not yet in this build: say so on the reader topic instead of pretending.
-                let _ = sink
-                    .send(Report::Health {
-                        state: ReaderState::Failed,
-                        error: Some("this reader kind is not supported by this build yet".into()),
-                    })
-                    .await;
-                Ok(())
-            }
+            DriverSettings::Pcsc { .. } => not_yet(&sink).await,
+            DriverSettings::Pn532 { .. } => not_yet(&sink).await,
+            DriverSettings::Line { .. } => not_yet(&sink).await,
         };
         if result.is_err() {
             tracing::debug!(reader = %name, "reader stopped: the daemon is shutting down");
         }
     })
+}
+
+/// Placeholder for a kind whose driver is not in this build: says so on the reader topic.
+async fn not_yet(sink: &ReaderSink) -> Result<(), id06_readers::SinkClosed> {
+    sink.send(Report::Health {
+        state: ReaderState::Failed,
+        error: Some("this reader kind is not supported by this build yet".into()),
+    })
+    .await
 }
