@@ -1,0 +1,351 @@
+//! The blocklist: sled is the source of truth, lookups are served from an in-memory index
+//! that is rebuilt from sled at start and swapped whole on every change, so a lookup sees
+//! the old list or the new one and never waits for a writer.
+//!
+//! Storage: `blocklist_meta` holds the current generation, version and confirmation time;
+//! entries live in the tree `blocklist.<generation>` (card UID bytes → status code). A full
+//! import writes a new generation and then flips the pointer in one batch, so a crash
+//! mid-import leaves the old list in force; leftover generations are dropped at open.
+
+use crate::store::{decode_i64, decode_u64, StoreError};
+use arc_swap::ArcSwap;
+use id06_protocol::{CardStatus, CardUid, UtcMillis};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+const GENERATION: &[u8] = b"generation";
+const VERSION: &[u8] = b"version";
+const CONFIRMED_AT: &[u8] = b"confirmed_at";
+
+/// An immutable picture of the list, for lookups.
+#[derive(Debug, Default, Clone)]
+pub struct BlocklistIndex {
+    entries: HashMap<u128, CardStatus>,
+    /// The list's version.
+    pub version: u64,
+    /// When the list was last confirmed (imported, updated or confirmed by an update).
+    pub confirmed_at: Option<UtcMillis>,
+}
+
+impl BlocklistIndex {
+    /// The card's entry, or `None` when it is not listed.
+    pub fn lookup(&self, uid: &CardUid) -> Option<CardStatus> {
+        self.entries.get(&uid.key()).copied()
+    }
+
+    /// How many cards are listed.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the list is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Seconds since confirmation at `now`, or `None` when never confirmed.
+    pub fn age_s(&self, now: UtcMillis) -> Option<u64> {
+        self.confirmed_at
+            .map(|c| (now.as_millis().saturating_sub(c.as_millis()).max(0) / 1000) as u64)
+    }
+
+    /// Whether the list is older than `max_age_hours` at `now` (a list never confirmed is).
+    pub fn is_stale(&self, now: UtcMillis, max_age_hours: u64) -> bool {
+        self.age_s(now)
+            .is_none_or(|age| age > max_age_hours.saturating_mul(3600))
+    }
+
+    /// Counts per status.
+    pub fn counts(&self) -> HashMap<CardStatus, u64> {
+        let mut m = HashMap::new();
+        for s in self.entries.values() {
+            *m.entry(*s).or_insert(0) += 1;
+        }
+        m
+    }
+}
+
+/// The blocklist: its sled trees and the current index.
+#[derive(Clone)]
+pub struct Blocklist {
+    db: sled::Db,
+    dir: std::path::PathBuf,
+    meta: sled::Tree,
+    current: Arc<ArcSwap<BlocklistIndex>>,
+}
+
+/// A bad line in an imported CSV file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CsvProblem {
+    /// 1-based line number.
+    pub line: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Parses `uid,status` lines. Blank lines, `#` comments and a header line are skipped;
+/// `active` entries mean "not listed". Returns every problem, not just the first.
+pub fn parse_csv(text: &str) -> Result<Vec<(CardUid, CardStatus)>, Vec<CsvProblem>> {
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    let mut first_seen: HashMap<CardUid, usize> = HashMap::new();
+    let mut header_allowed = true;
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let content = raw.trim().trim_start_matches('\u{feff}');
+        if content.is_empty() || content.starts_with('#') {
+            continue;
+        }
+        let mut fields = content.split(',').map(str::trim);
+        let (Some(uid), Some(status), None) = (fields.next(), fields.next(), fields.next()) else {
+            problems.push(CsvProblem {
+                line,
+                message: "expected two fields: uid,status".into(),
+            });
+            continue;
+        };
+        let is_header = header_allowed
+            && (uid.eq_ignore_ascii_case("uid") || uid.eq_ignore_ascii_case("card_uid"));
+        header_allowed = false;
+        if is_header {
+            continue;
+        }
+        let uid = match CardUid::parse(uid.trim_matches('"')) {
+            Ok(u) => u,
+            Err(e) => {
+                problems.push(CsvProblem {
+                    line,
+                    message: e.to_string(),
+                });
+                continue;
+            }
+        };
+        let status = match status.trim_matches('"').parse::<CardStatus>() {
+            Ok(CardStatus::Unlisted) | Err(_) => {
+                problems.push(CsvProblem {
+                    line,
+                    message: format!(
+                        "unknown status {status:?}; expected active, produced, blocked, terminated or suspended"
+                    ),
+                });
+                continue;
+            }
+            Ok(s) => s,
+        };
+        if let Some(first) = first_seen.insert(uid, line) {
+            problems.push(CsvProblem {
+                line,
+                message: format!("card {uid} is already on line {first}"),
+            });
+            continue;
+        }
+        if status.is_listed() {
+            out.push((uid, status));
+        }
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
+impl Blocklist {
+    /// Opens the blocklist in `db` and builds the index.
+    pub fn open(db: &sled::Db, dir: &Path) -> Result<Blocklist, StoreError> {
+        let err = |e| StoreError::from_sled(dir, e);
+        let meta = db.open_tree("blocklist_meta").map_err(err)?;
+        let generation = meta
+            .get(GENERATION)
+            .map_err(err)?
+            .and_then(|v| decode_u64(&v))
+            .unwrap_or(0);
+        // Drop generations left behind by an import that did not finish.
+        let current_name = tree_name(generation);
+        for name in db.tree_names() {
+            if name.starts_with(b"blocklist.") && name.as_ref() != current_name.as_bytes() {
+                db.drop_tree(&name).map_err(err)?;
+            }
+        }
+        let bl = Blocklist {
+            db: db.clone(),
+            dir: dir.to_path_buf(),
+            meta,
+            current: Arc::new(ArcSwap::from_pointee(BlocklistIndex::default())),
+        };
+        let index = bl.build_index()?;
+        bl.current.store(Arc::new(index));
+        Ok(bl)
+    }
+
+    fn err(&self, e: sled::Error) -> StoreError {
+        StoreError::from_sled(&self.dir, e)
+    }
+
+    fn generation(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .meta
+            .get(GENERATION)
+            .map_err(|e| self.err(e))?
+            .and_then(|v| decode_u64(&v))
+            .unwrap_or(0))
+    }
+
+    fn build_index(&self) -> Result<BlocklistIndex, StoreError> {
+        let tree = self
+            .db
+            .open_tree(tree_name(self.generation()?))
+            .map_err(|e| self.err(e))?;
+        let mut entries = HashMap::with_capacity(tree.len());
+        for item in tree.iter() {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let (Ok(uid), Some(status)) = (
+                CardUid::from_bytes(&k),
+                v.first().and_then(|c| CardStatus::from_code(*c)),
+            ) else {
+                tracing::warn!("a blocklist entry in the database cannot be decoded; skipped");
+                continue;
+            };
+            entries.insert(uid.key(), status);
+        }
+        let version = self
+            .meta
+            .get(VERSION)
+            .map_err(|e| self.err(e))?
+            .and_then(|v| decode_u64(&v))
+            .unwrap_or(0);
+        let confirmed_at = self
+            .meta
+            .get(CONFIRMED_AT)
+            .map_err(|e| self.err(e))?
+            .and_then(|v| decode_i64(&v))
+            .map(UtcMillis);
+        Ok(BlocklistIndex {
+            entries,
+            version,
+            confirmed_at,
+        })
+    }
+
+    /// The current index (lock-free).
+    pub fn index(&self) -> Arc<BlocklistIndex> {
+        self.current.load_full()
+    }
+
+    /// Replaces the whole list with `entries` as `version`, confirmed at `now`. Atomic:
+    /// until the final pointer flip the old list stays in force, on disk and in memory.
+    /// `progress` is called with the number of entries written so far.
+    pub fn replace(
+        &self,
+        entries: &[(CardUid, CardStatus)],
+        version: u64,
+        now: UtcMillis,
+        mut progress: impl FnMut(usize),
+    ) -> Result<(), StoreError> {
+        let old = self.generation()?;
+        let new = old + 1;
+        let tree = self
+            .db
+            .open_tree(tree_name(new))
+            .map_err(|e| self.err(e))?;
+        tree.clear().map_err(|e| self.err(e))?;
+        for (n, chunk) in entries.chunks(20_000).enumerate() {
+            let mut batch = sled::Batch::default();
+            for (uid, status) in chunk {
+                batch.insert(uid.as_bytes(), &[status.code()]);
+            }
+            tree.apply_batch(batch).map_err(|e| self.err(e))?;
+            progress((n * 20_000 + chunk.len()).min(entries.len()));
+        }
+        self.db.flush().map_err(|e| self.err(e))?;
+        let mut flip = sled::Batch::default();
+        flip.insert(GENERATION, &new.to_be_bytes());
+        flip.insert(VERSION, &version.to_be_bytes());
+        flip.insert(CONFIRMED_AT, &now.as_millis().to_be_bytes());
+        self.meta.apply_batch(flip).map_err(|e| self.err(e))?;
+        self.db.flush().map_err(|e| self.err(e))?;
+        self.db
+            .drop_tree(tree_name(old))
+            .map_err(|e| self.err(e))?;
+        let mut map = HashMap::with_capacity(entries.len());
+        for (uid, status) in entries {
+            map.insert(uid.key(), *status);
+        }
+        self.current.store(Arc::new(BlocklistIndex {
+            entries: map,
+            version,
+            confirmed_at: Some(now),
+        }));
+        Ok(())
+    }
+}
+
+fn tree_name(generation: u64) -> String {
+    format!("blocklist.{generation}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_accepts_header_comments_and_spellings() {
+        let text = "uid,status\n# a comment\n\n04:a1:b2:c3, blocked\n04A1B2C4,Terminated\n04A1B2C5,active\n";
+        let got = parse_csv(text).unwrap();
+        assert_eq!(got.len(), 2, "active is not listed");
+        assert_eq!(got[0].0.to_string(), "04A1B2C3");
+        assert_eq!(got[1].1, CardStatus::Terminated);
+    }
+
+    #[test]
+    fn csv_reports_every_bad_line_by_number() {
+        let text = "04A1B2C3,blocked\nnonsense\n04ZZ,blocked\n04A1B2C4,lost\n04a1b2c3,suspended\n04A1B2C5,unlisted\n";
+        let problems = parse_csv(text).unwrap_err();
+        let lines: Vec<usize> = problems.iter().map(|p| p.line).collect();
+        assert_eq!(lines, vec![2, 3, 4, 5, 6]);
+        assert!(problems[3].message.contains("line 1"));
+    }
+
+    #[test]
+    fn replace_is_visible_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        let a = CardUid::parse("04A1B2C3").unwrap();
+        let b = CardUid::parse("04A1B2C3D4E5F6").unwrap();
+        assert_eq!(bl.index().lookup(&a), None);
+        assert!(bl.index().is_stale(UtcMillis(0), 48));
+        bl.replace(&[(a, CardStatus::Blocked)], 7, UtcMillis(1_000), |_| {})
+            .unwrap();
+        assert_eq!(bl.index().lookup(&a), Some(CardStatus::Blocked));
+        bl.replace(&[(b, CardStatus::Produced)], 8, UtcMillis(2_000), |_| {})
+            .unwrap();
+        assert_eq!(bl.index().lookup(&a), None, "a replace is a whole new list");
+        drop(bl);
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        let idx = bl.index();
+        assert_eq!(idx.lookup(&b), Some(CardStatus::Produced));
+        assert_eq!(idx.version, 8);
+        assert_eq!(idx.age_s(UtcMillis(5_000)), Some(3));
+        assert!(!idx.is_stale(UtcMillis(5_000), 1));
+        assert!(idx.is_stale(UtcMillis(2_000 + 3600 * 1000 + 1000), 1));
+    }
+
+    #[test]
+    fn an_unfinished_import_leaves_the_old_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        let a = CardUid::parse("04A1B2C3").unwrap();
+        bl.replace(&[(a, CardStatus::Blocked)], 1, UtcMillis(0), |_| {})
+            .unwrap();
+        // Simulate a crash after writing a new generation but before the flip.
+        let orphan = db.open_tree("blocklist.2").unwrap();
+        orphan.insert(a.as_bytes(), &[CardStatus::Suspended.code()]).unwrap();
+        drop(bl);
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        assert_eq!(bl.index().lookup(&a), Some(CardStatus::Blocked));
+        assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"blocklist.2"));
+    }
+}

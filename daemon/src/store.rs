@@ -1,0 +1,229 @@
+//! The sled database in `data_dir`: opening it with clear errors, and the guard that keeps
+//! one terminal's `seq` space from being mixed with another's.
+//!
+//! Trees:
+//! - `meta`: identity of the data directory (`terminal_id`), format version.
+//! - `journal`: the outbox and event archive, the `seq` counter and the toggle state, in
+//!   one tree so that a tap's writes are one atomic batch (see [`crate::outbox`]).
+//! - `blocklist_meta` and `blocklist.<generation>`: the blocklist (see [`crate::blocklist`]).
+
+use std::path::{Path, PathBuf};
+
+/// The on-disk format this build writes.
+pub const FORMAT_VERSION: u64 = 1;
+
+/// Why the store cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Another process (usually the running daemon) holds the database.
+    #[error("the data directory {0} is in use by another id06d process (is the daemon running?)")]
+    InUse(PathBuf),
+    /// The data directory belongs to another terminal.
+    #[error("the data directory {dir} belongs to terminal {found:?}, but the configuration says terminal_id = {configured:?}; refusing to mix two terminals' event sequences (use a new data_dir for a new terminal)")]
+    TerminalMismatch {
+        /// The directory.
+        dir: PathBuf,
+        /// What the store says.
+        found: String,
+        /// What the configuration says.
+        configured: String,
+    },
+    /// Written by a newer id06d.
+    #[error("the data directory {dir} was written by a newer id06d (format {found}, this build reads {FORMAT_VERSION})")]
+    TooNew {
+        /// The directory.
+        dir: PathBuf,
+        /// Its format version.
+        found: u64,
+    },
+    /// Not a sled database, or damaged.
+    #[error("the database in {dir} cannot be read ({detail}); it is damaged or not an id06d database — move it away to start afresh (its events would be lost) or restore it from a backup")]
+    Corrupt {
+        /// The directory.
+        dir: PathBuf,
+        /// What sled said.
+        detail: String,
+    },
+    /// The file system refused (permissions, full disk, read-only).
+    #[error("cannot use the data directory {dir}: {detail}")]
+    Io {
+        /// The directory.
+        dir: PathBuf,
+        /// What failed.
+        detail: String,
+    },
+}
+
+impl StoreError {
+    /// Classifies a sled error that happened while working in `dir`.
+    pub fn from_sled(dir: &Path, e: sled::Error) -> StoreError {
+        match e {
+            sled::Error::Io(io) => {
+                let text = io.to_string();
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.raw_os_error() == Some(libc::EWOULDBLOCK)
+                    || text.contains("could not acquire lock")
+                {
+                    StoreError::InUse(dir.to_path_buf())
+                } else {
+                    StoreError::Io {
+                        dir: dir.to_path_buf(),
+                        detail: text,
+                    }
+                }
+            }
+            sled::Error::Corruption { .. } | sled::Error::Unsupported(_) => StoreError::Corrupt {
+                dir: dir.to_path_buf(),
+                detail: e.to_string(),
+            },
+            other => StoreError::Io {
+                dir: dir.to_path_buf(),
+                detail: other.to_string(),
+            },
+        }
+    }
+}
+
+/// The opened database.
+#[derive(Clone)]
+pub struct Store {
+    /// The directory.
+    pub dir: PathBuf,
+    /// The database.
+    pub db: sled::Db,
+    /// Identity and format.
+    pub meta: sled::Tree,
+    /// Outbox, archive, counters, toggle state.
+    pub journal: sled::Tree,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir` for terminal `terminal_id`.
+    pub fn open(dir: &Path, terminal_id: &str) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
+            dir: dir.to_path_buf(),
+            detail: format!("cannot create it: {e}"),
+        })?;
+        let db_path = dir.join("db");
+        if db_path.exists() && !db_path.is_dir() {
+            return Err(StoreError::Corrupt {
+                dir: dir.to_path_buf(),
+                detail: format!("{} is a file, not a database folder", db_path.display()),
+            });
+        }
+        // sled panics on some foreign files; never let that reach the operator as a panic.
+        let opened = std::panic::catch_unwind(|| {
+            sled::Config::new()
+                .path(&db_path)
+                .cache_capacity(64 * 1024 * 1024)
+                .flush_every_ms(Some(500))
+                .open()
+        });
+        let db = match opened {
+            Ok(r) => r.map_err(|e| StoreError::from_sled(dir, e))?,
+            Err(_) => {
+                return Err(StoreError::Corrupt {
+                    dir: dir.to_path_buf(),
+                    detail: "sled could not make sense of its files".into(),
+                })
+            }
+        };
+        let tree = |name: &str| db.open_tree(name).map_err(|e| StoreError::from_sled(dir, e));
+        let meta = tree("meta")?;
+        let journal = tree("journal")?;
+        let store = Store {
+            dir: dir.to_path_buf(),
+            db,
+            meta,
+            journal,
+        };
+        store.check_identity(terminal_id)?;
+        Ok(store)
+    }
+
+    fn check_identity(&self, terminal_id: &str) -> Result<(), StoreError> {
+        let sled_err = |e| StoreError::from_sled(&self.dir, e);
+        if let Some(v) = self.meta.get("format").map_err(sled_err)? {
+            let found = decode_u64(&v).unwrap_or(u64::MAX);
+            if found > FORMAT_VERSION {
+                return Err(StoreError::TooNew {
+                    dir: self.dir.clone(),
+                    found,
+                });
+            }
+        }
+        match self.meta.get("terminal_id").map_err(sled_err)? {
+            Some(found) => {
+                let found = String::from_utf8_lossy(&found).into_owned();
+                if found != terminal_id {
+                    return Err(StoreError::TerminalMismatch {
+                        dir: self.dir.clone(),
+                        found,
+                        configured: terminal_id.to_string(),
+                    });
+                }
+            }
+            None => {
+                let mut b = sled::Batch::default();
+                b.insert("terminal_id", terminal_id.as_bytes());
+                b.insert("format", &FORMAT_VERSION.to_be_bytes());
+                self.meta.apply_batch(b).map_err(sled_err)?;
+                self.db.flush().map_err(sled_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes everything to disk and waits for it (fsync).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db
+            .flush()
+            .map(|_| ())
+            .map_err(|e| StoreError::from_sled(&self.dir, e))
+    }
+}
+
+/// A big-endian u64 from stored bytes.
+pub fn decode_u64(bytes: &[u8]) -> Option<u64> {
+    bytes.try_into().ok().map(u64::from_be_bytes)
+}
+
+/// A big-endian i64 from stored bytes.
+pub fn decode_i64(bytes: &[u8]) -> Option<i64> {
+    bytes.try_into().ok().map(i64::from_be_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_open_says_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path(), "t1").unwrap();
+        match Store::open(dir.path(), "t1") {
+            Err(StoreError::InUse(_)) => {}
+            Err(other) => panic!("expected InUse, got {other}"),
+            Ok(_) => panic!("expected InUse, got a second handle"),
+        }
+    }
+
+    #[test]
+    fn a_changed_terminal_id_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), "gate-1").unwrap());
+        let e = Store::open(dir.path(), "gate-2").err().unwrap();
+        assert!(matches!(e, StoreError::TerminalMismatch { .. }), "{e}");
+        assert!(e.to_string().contains("gate-1"));
+        drop(Store::open(dir.path(), "gate-1").unwrap());
+    }
+
+    #[test]
+    fn a_file_where_the_database_should_be_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("db"), b"not a database").unwrap();
+        let e = Store::open(dir.path(), "t").err().unwrap();
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+    }
+}
