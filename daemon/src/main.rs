@@ -1,1 +1,457 @@
-fn main() {}
+//! The `id06d` command line (SPEC §3). Exit status: 0 success, 2 usage or configuration
+//! error, 1 runtime failure. Every error is one line on stderr.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use id06_protocol::{CardUid, UtcMillis};
+use id06d::blocklist::{parse_csv, Blocklist};
+use id06d::config::Config;
+use id06d::outbox::Outbox;
+use id06d::store::Store;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "id06d", version, about = "ID06 card readers to the electronic personnel ledger, over MQTT")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (what systemd starts).
+    Run {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The whole pipeline on this machine: simulated readers, a private broker, a ledger.
+    Demo,
+    /// Validate a configuration and print the effective configuration.
+    CheckConfig {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// List the PC/SC readers and serial ports that can be used.
+    Readers,
+    /// The local blocklist.
+    Blocklist {
+        #[command(subcommand)]
+        command: BlocklistCommand,
+    },
+    /// The outbox of events waiting for the broker.
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
+    /// This terminal's recorded taps.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BlocklistCommand {
+    /// Replace the list from a CSV file of `uid,status` lines.
+    Import {
+        /// The CSV file.
+        file: PathBuf,
+        /// The new list's version (default: the current one + 1).
+        #[arg(long)]
+        version: Option<u64>,
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The status of one card, and the list's version and age.
+    Lookup {
+        /// The card UID (any spelling: 04A1B2…, 04:a1:b2…).
+        uid: String,
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Size, version, age and counts per status.
+    Stats {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// Events waiting for delivery and the oldest one's age.
+    Stats {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Csv,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// Print the recorded taps since a time, delivered or not.
+    Export {
+        /// RFC 3339 time (2026-11-22T06:00:00Z) or a date (2026-11-22, local midnight).
+        #[arg(long)]
+        since: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "csv")]
+        format: Format,
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+/// A failure with its exit status.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 2,
+        message: message.into(),
+    }
+}
+
+fn runtime(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 1,
+        message: message.into(),
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(2),
+            };
+        }
+    };
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("id06d: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn load_config(path: &Path) -> Result<Config, Failure> {
+    Config::load(path).map_err(|e| usage(e.to_string()))
+}
+
+fn open_store(config: &Config) -> Result<Store, Failure> {
+    Store::open(&config.data_dir, &config.terminal_id).map_err(|e| runtime(e.to_string()))
+}
+
+fn tokio_runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| runtime(format!("cannot start the async runtime: {e}")))
+}
+
+fn dispatch(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Run { config } => {
+            init_logging("info");
+            let config = load_config(&config)?;
+            let rt = tokio_runtime()?;
+            rt.block_on(async {
+                let shutdown = CancellationToken::new();
+                let signals = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    signals.cancel();
+                });
+                id06d::run::run(config, Default::default(), shutdown, |_| {})
+                    .await
+                    .map_err(|e| runtime(e.to_string()))
+            })
+        }
+        Command::Demo => {
+            init_logging("info,rumqttc=off");
+            let rt = tokio_runtime()?;
+            rt.block_on(id06d::demo::run_demo())
+                .map_err(runtime)
+        }
+        Command::CheckConfig { config } => {
+            let config = load_config(&config)?;
+            print!("{}", config.render());
+            Ok(())
+        }
+        Command::Readers => {
+            println!("PC/SC readers: none known to this build yet (kind = \"pcsc\" arrives with the PC/SC driver)");
+            println!("Serial ports:");
+            let mut any = false;
+            if let Ok(entries) = std::fs::read_dir("/dev") {
+                let mut names: Vec<String> = entries
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("ttyUSB") || n.starts_with("ttyACM") || n.starts_with("ttyAMA") || n.starts_with("serial"))
+                    .collect();
+                names.sort();
+                for n in names {
+                    any = true;
+                    println!("  /dev/{n}");
+                }
+            }
+            if !any {
+                println!("  none found");
+            }
+            Ok(())
+        }
+        Command::Blocklist { command } => blocklist(command),
+        Command::Outbox {
+            command: OutboxCommand::Stats { config },
+        } => {
+            let config = load_config(&config)?;
+            let store = open_store(&config)?;
+            let outbox = Outbox::open(&store).map_err(|e| runtime(e.to_string()))?;
+            let stats = outbox.stats().map_err(|e| runtime(e.to_string()))?;
+            println!("outbox depth:   {} events waiting for the broker", stats.depth);
+            match stats.oldest {
+                Some((seq, at)) => {
+                    let age = (UtcMillis::now().as_millis() - at.as_millis()).max(0) / 1000;
+                    println!("oldest waiting: seq {seq}, occurred {at} ({age} s ago)");
+                }
+                None => println!("oldest waiting: none"),
+            }
+            println!("last seq:       {}", stats.last_seq);
+            println!("archived:       {} events kept for export", stats.archived);
+            Ok(())
+        }
+        Command::Events {
+            command:
+                EventsCommand::Export {
+                    since,
+                    format,
+                    config,
+                },
+        } => {
+            let config = load_config(&config)?;
+            let since = parse_since(&since).map_err(usage)?;
+            let store = open_store(&config)?;
+            let outbox = Outbox::open(&store).map_err(|e| runtime(e.to_string()))?;
+            let events = outbox
+                .events_since(since)
+                .map_err(|e| runtime(e.to_string()))?;
+            export(&events, format).map_err(|e| runtime(format!("cannot write the export: {e}")))
+        }
+    }
+}
+
+fn parse_since(text: &str) -> Result<UtcMillis, String> {
+    if let Ok(t) = UtcMillis::parse(text) {
+        return Ok(t);
+    }
+    let date: jiff::civil::Date = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("--since {text:?} is neither an RFC 3339 time (2026-11-22T06:00:00Z) nor a date (2026-11-22)"))?;
+    let tz = stockholm();
+    let zoned = date
+        .to_zoned(tz)
+        .map_err(|e| format!("--since {text:?}: {e}"))?;
+    Ok(UtcMillis(zoned.timestamp().as_millisecond()))
+}
+
+fn stockholm() -> jiff::tz::TimeZone {
+    jiff::tz::TimeZone::get("Europe/Stockholm").unwrap_or(jiff::tz::TimeZone::UTC)
+}
+
+fn export(events: &[(id06_protocol::Event, bool)], format: Format) -> std::io::Result<()> {
+    use std::io::Write;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    match format {
+        Format::Json => {
+            for (e, _) in events {
+                out.write_all(&e.to_json())?;
+                out.write_all(b"\n")?;
+            }
+        }
+        Format::Csv => {
+            let tz = stockholm();
+            writeln!(out, "event_id,seq,local_time,occurred_at_utc,reader,direction,card_uid,card_status,decision,reason,delivered")?;
+            for (e, delivered) in events {
+                let local = e
+                    .occurred_at
+                    .to_timestamp()
+                    .to_zoned(tz.clone())
+                    .strftime("%Y-%m-%d %H:%M:%S %Z")
+                    .to_string();
+                writeln!(
+                    out,
+                    "{},{},{},{},{},{},{},{},{},{},{}",
+                    e.event_id,
+                    e.seq,
+                    local,
+                    e.occurred_at,
+                    e.reader,
+                    e.direction,
+                    e.card_uid,
+                    e.card_status,
+                    match e.decision {
+                        id06_protocol::Decision::Granted => "granted",
+                        id06_protocol::Decision::Denied => "denied",
+                    },
+                    e.reason.map_or("", |r| r.as_str()),
+                    if *delivered { "yes" } else { "no" }
+                )?;
+            }
+        }
+    }
+    out.flush()
+}
+
+fn blocklist(command: BlocklistCommand) -> Result<(), Failure> {
+    match command {
+        BlocklistCommand::Import {
+            file,
+            version,
+            config,
+        } => {
+            let config = load_config(&config)?;
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| usage(format!("cannot read {}: {e}", file.display())))?;
+            let entries = parse_csv(&text).map_err(|problems| {
+                let shown: Vec<String> = problems
+                    .iter()
+                    .take(20)
+                    .map(|p| format!("{}:{}: {}", file.display(), p.line, p.message))
+                    .collect();
+                let more = problems.len().saturating_sub(20);
+                let mut m = format!(
+                    "nothing imported: {} bad line(s)\n{}",
+                    problems.len(),
+                    shown.join("\n")
+                );
+                if more > 0 {
+                    m.push_str(&format!("\n… and {more} more"));
+                }
+                usage(m)
+            })?;
+            let store = open_store(&config)?;
+            let bl = Blocklist::open(&store.db, &store.dir).map_err(|e| runtime(e.to_string()))?;
+            let current = bl.index().version;
+            let version = version.unwrap_or(current + 1);
+            let total = entries.len();
+            let big = total >= 200_000;
+            let mut last_shown = std::time::Instant::now();
+            bl.replace(&entries, version, UtcMillis::now(), |done| {
+                if big && (last_shown.elapsed().as_millis() >= 1000 || done == total) {
+                    last_shown = std::time::Instant::now();
+                    eprintln!("imported {done} of {total} cards ({}%)", done * 100 / total.max(1));
+                }
+            })
+            .map_err(|e| runtime(format!("nothing imported: {e}")))?;
+            println!(
+                "imported {total} listed cards from {} as version {version} (was {current})",
+                file.display()
+            );
+            Ok(())
+        }
+        BlocklistCommand::Lookup { uid, config } => {
+            let config = load_config(&config)?;
+            let uid = CardUid::parse(&uid).map_err(|e| usage(format!("{uid:?}: {e}")))?;
+            let store = open_store(&config)?;
+            let bl = Blocklist::open(&store.db, &store.dir).map_err(|e| runtime(e.to_string()))?;
+            let index = bl.index();
+            let status = index
+                .lookup(&uid)
+                .unwrap_or(id06_protocol::CardStatus::Unlisted);
+            let now = UtcMillis::now();
+            println!("card {uid}: {status}");
+            println!(
+                "blocklist version {}, {}{}",
+                index.version,
+                age_text(index.age_s(now)),
+                if index.is_stale(now, config.blocklist.max_age_hours) {
+                    " (stale)"
+                } else {
+                    ""
+                }
+            );
+            Ok(())
+        }
+        BlocklistCommand::Stats { config } => {
+            let config = load_config(&config)?;
+            let store = open_store(&config)?;
+            let bl = Blocklist::open(&store.db, &store.dir).map_err(|e| runtime(e.to_string()))?;
+            let index = bl.index();
+            let now = UtcMillis::now();
+            println!("blocklist version {}: {} listed cards", index.version, index.len());
+            let counts = index.counts();
+            for s in id06_protocol::CardStatus::ALL {
+                if s.is_listed() {
+                    println!("  {:<11} {}", s.as_str(), counts.get(&s).copied().unwrap_or(0));
+                }
+            }
+            println!(
+                "{}{}",
+                age_text(index.age_s(now)),
+                if index.is_stale(now, config.blocklist.max_age_hours) {
+                    format!(" — stale (older than {} h)", config.blocklist.max_age_hours)
+                } else {
+                    String::new()
+                }
+            );
+            Ok(())
+        }
+    }
+}
+
+fn age_text(age: Option<u64>) -> String {
+    match age {
+        None => "never confirmed".into(),
+        Some(s) => format!("confirmed {}h {}m {}s ago", s / 3600, s / 60 % 60, s % 60),
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! The MQTT session (SPEC §7): one task owns the rumqttc event loop.
+//!
+//! Design: every connection gets a fresh rumqttc client and event loop, so nothing that
+//! rumqttc queued in memory is replayed behind our back; the outbox is the only source of
+//! what must be (re)delivered. On each connection the task publishes the retained status
+//! and reader states, then streams the outbox from its first unacknowledged `seq`, keeping
+//! at most [`WINDOW`] events in flight. rumqttc reports each publish it sends as
+//! `Outgoing::Publish(pkid)` in request order, which maps packet ids to `seq`s; an event
+//! leaves the outbox only on its PUBACK. Any error ends the connection; the task reconnects
+//! with exponential back-off, forever, until shutdown.
+
+use crate::blocklist::Blocklist;
+use crate::clock::clock_synced;
+use crate::config::MqttSettings;
+use crate::outbox::Outbox;
+use crate::shared::{Counters, Shared};
+use id06_protocol::{GatewayStatus, Topics, UtcMillis};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event as MqttEvent, EventLoop, LastWill, MqttOptions, Outgoing,
+    Packet, QoS,
+};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Events in flight (published, not yet acknowledged) at most.
+pub const WINDOW: usize = 128;
+/// rumqttc's own in-flight limit; above WINDOW so decisions and states fit beside events.
+const INFLIGHT: u16 = 512;
+/// Capacity of rumqttc's request channel.
+const REQUESTS: usize = 1024;
+/// Back-off between connection attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often the retained status is refreshed while connected.
+const STATUS_EVERY: Duration = Duration::from_secs(30);
+
+/// What the MQTT task needs.
+pub struct MqttTask {
+    /// Broker settings.
+    pub settings: MqttSettings,
+    /// The broker password, read from `password_file`.
+    pub password: Option<String>,
+    /// Topic names.
+    pub topics: Topics,
+    /// The outbox to deliver.
+    pub outbox: Outbox,
+    /// For the status payload.
+    pub blocklist: Blocklist,
+    /// `[blocklist] max_age_hours`.
+    pub max_age_hours: u64,
+    /// Counters, reader states, wake-ups.
+    pub shared: Arc<Shared>,
+    /// Decisions to publish on `P/decision`.
+    pub decisions: mpsc::Receiver<Vec<u8>>,
+    /// When this process started.
+    pub started_at: UtcMillis,
+    /// Cancelled when the daemon stops: deliver what can be delivered within
+    /// `drain_timeout`, publish offline, disconnect.
+    pub shutdown: CancellationToken,
+    /// How long to keep delivering after shutdown.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tag {
+    Event(u64),
+    Other,
+}
+
+/// Per-connection delivery state.
+struct Window {
+    /// The next `seq` to publish.
+    next: u64,
+    /// Tags of the publishes handed to rumqttc, in order, waiting for their pkid.
+    unassigned: VecDeque<Tag>,
+    /// Event publishes sent, by packet id.
+    by_pkid: HashMap<u16, u64>,
+    /// Events published and not yet acknowledged.
+    in_flight: usize,
+}
+
+enum End {
+    Shutdown,
+    Lost(String),
+}
+
+impl MqttTask {
+    fn options(&self) -> MqttOptions {
+        let s = &self.settings;
+        let mut o = MqttOptions::new(s.client_id.clone(), s.host.clone(), s.port);
+        o.set_clean_session(false);
+        o.set_keep_alive(Duration::from_secs(15));
+        o.set_inflight(INFLIGHT);
+        o.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
+        o.set_last_will(LastWill::new(
+            self.topics.status(),
+            GatewayStatus::offline_payload(),
+            QoS::AtLeastOnce,
+            true,
+        ));
+        if let (Some(user), Some(password)) = (&s.username, &self.password) {
+            o.set_credentials(user.clone(), password.clone());
+        } else if let Some(user) = &s.username {
+            o.set_credentials(user.clone(), String::new());
+        }
+        o
+    }
+
+    fn status_payload(&self) -> Vec<u8> {
+        let index = self.blocklist.index();
+        let now = UtcMillis::now();
+        let status = GatewayStatus {
+            online: true,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: self.started_at,
+            blocklist_version: index.version,
+            blocklist_age_s: index.age_s(now),
+            outbox_depth: self.outbox.depth(),
+            clock_synced: clock_synced(),
+            blocklist_stale: index.is_stale(now, self.max_age_hours),
+            blocklist_gap: None,
+            storage_error: self.shared.storage_error.lock().ok().and_then(|e| e.clone()),
+        };
+        serde_json::to_vec(&status).unwrap_or_default()
+    }
+
+    /// Runs until shutdown. Never returns early: a broker that is away is waited for.
+    pub async fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        let mut failing_since: Option<Instant> = None;
+        let mut max_published: u64 = 0;
+        loop {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            let (client, eventloop) = AsyncClient::new(self.options(), REQUESTS);
+            match self
+                .connection(&client, eventloop, &mut max_published)
+                .await
+            {
+                (End::Shutdown, _) => return,
+                (End::Lost(why), was_connected) => {
+                    if was_connected {
+                        backoff = BACKOFF_MIN;
+                        failing_since = None;
+                    }
+                    if failing_since.is_none() {
+                        failing_since = Some(Instant::now());
+                        tracing::warn!(
+                            broker = %self.settings.url,
+                            outbox_depth = self.outbox.depth(),
+                            "MQTT broker unreachable: {why}; retrying with back-off, events wait in the outbox"
+                        );
+                    } else {
+                        tracing::debug!(broker = %self.settings.url, "MQTT connect failed again: {why}");
+                    }
+                }
+            }
+            // After shutdown there is no point in waiting for a broker that is away.
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One connection, from connect to loss or shutdown. Returns why it ended and whether
+    /// it ever got connected.
+    async fn connection(
+        &mut self,
+        client: &AsyncClient,
+        mut eventloop: EventLoop,
+        max_published: &mut u64,
+    ) -> (End, bool) {
+        let mut connected = false;
+        let mut window = Window {
+            next: 0,
+            unassigned: VecDeque::new(),
+            by_pkid: HashMap::new(),
+            in_flight: 0,
+        };
+        let mut next_status = Instant::now() + STATUS_EVERY;
+        let mut drain_deadline: Option<Instant> = None;
+        loop {
+            if drain_deadline.is_none() && self.shutdown.is_cancelled() {
+                if !connected {
+                    return (End::Shutdown, false);
+                }
+                drain_deadline = Some(Instant::now() + self.drain_timeout);
+            }
+            if let Some(deadline) = drain_deadline {
+                let drained = window.in_flight == 0 && self.outbox.depth() == 0;
+                if drained || Instant::now() >= deadline {
+                    self.goodbye(client, &mut eventloop).await;
+                    return (End::Shutdown, true);
+                }
+            }
+            let deadline_sleep = drain_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                polled = eventloop.poll() => {
+                    match polled {
+                        Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
+                            connected = true;
+                            tracing::info!(broker = %self.settings.url, session_present = ack.session_present, outbox_depth = self.outbox.depth(), "connected to the MQTT broker");
+                            window.next = match self.outbox.first_pending() {
+                                Ok(Some(seq)) => seq,
+                                Ok(None) => self.outbox.last_seq() + 1,
+                                Err(e) => return (End::Lost(format!("cannot read the outbox: {e}")), true),
+                            };
+                            self.publish_other(client, &mut window, self.topics.status(), self.status_payload(), true);
+                            for (name, status) in self.shared.take_reader_updates(true) {
+                                let payload = serde_json::to_vec(&status).unwrap_or_default();
+                                self.publish_other(client, &mut window, self.topics.reader(&name), payload, true);
+                            }
+                            self.fill(client, &mut window, max_published);
+                        }
+                        Ok(MqttEvent::Outgoing(Outgoing::Publish(pkid))) => {
+                            match window.unassigned.pop_front() {
+                                Some(Tag::Event(seq)) => { window.by_pkid.insert(pkid, seq); }
+                                Some(Tag::Other) => {}
+                                None => tracing::debug!(pkid, "a publish went out that we did not tag"),
+                            }
+                        }
+                        Ok(MqttEvent::Incoming(Packet::PubAck(ack))) => {
+                            if let Some(seq) = window.by_pkid.remove(&ack.pkid) {
+                                window.in_flight = window.in_flight.saturating_sub(1);
+                                match self.outbox.ack(seq) {
+                                    Ok(true) => Counters::bump(&self.shared.counters.delivered),
+                                    Ok(false) => {}
+                                    Err(e) => tracing::error!(seq, "cannot remove a delivered event from the outbox: {e}"),
+                                }
+                                self.fill(client, &mut window, max_published);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => return (End::Lost(describe(&e)), connected),
+                    }
+                }
+                decision = self.decisions.recv() => {
+                    if let Some(payload) = decision {
+                        if connected && drain_deadline.is_none() {
+                            if self.publish_other(client, &mut window, self.topics.decision(), payload, false) {
+                                Counters::bump(&self.shared.counters.decisions_published);
+                            } else {
+                                Counters::bump(&self.shared.counters.decisions_dropped);
+                            }
+                        } else {
+                            // A decision minutes late would open a door at the wrong time.
+                            Counters::bump(&self.shared.counters.decisions_dropped);
+                        }
+                    }
+                }
+                _ = self.shared.wake.notified() => {
+                    if connected {
+                        for (name, status) in self.shared.take_reader_updates(false) {
+                            let payload = serde_json::to_vec(&status).unwrap_or_default();
+                            self.publish_other(client, &mut window, self.topics.reader(&name), payload, true);
+                        }
+                        self.fill(client, &mut window, max_published);
+                    }
+                }
+                _ = tokio::time::sleep_until(next_status) => {
+                    next_status = Instant::now() + STATUS_EVERY;
+                    if connected {
+                        self.publish_other(client, &mut window, self.topics.status(), self.status_payload(), true);
+                    }
+                }
+                _ = self.shutdown.cancelled(), if drain_deadline.is_none() => {}
+                _ = tokio::time::sleep_until(deadline_sleep), if drain_deadline.is_some() => {}
+            }
+        }
+    }
+
+    /// Publishes something that is not an event (status, reader state, decision).
+    fn publish_other(
+        &self,
+        client: &AsyncClient,
+        window: &mut Window,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    ) -> bool {
+        match client.try_publish(topic, QoS::AtLeastOnce, retain, payload) {
+            Ok(()) => {
+                window.unassigned.push_back(Tag::Other);
+                true
+            }
+            Err(e) => {
+                tracing::debug!("MQTT request queue full, not published: {e}");
+                false
+            }
+        }
+    }
+
+    /// Tops the window up from the outbox.
+    fn fill(&self, client: &AsyncClient, window: &mut Window, max_published: &mut u64) {
+        while window.in_flight < WINDOW {
+            let batch = match self.outbox.pending_from(window.next, WINDOW - window.in_flight) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!("cannot read the outbox: {e}");
+                    return;
+                }
+            };
+            if batch.is_empty() {
+                return;
+            }
+            for (seq, payload) in batch {
+                if client
+                    .try_publish(self.topics.event(), QoS::AtLeastOnce, false, payload)
+                    .is_err()
+                {
+                    return;
+                }
+                window.unassigned.push_back(Tag::Event(seq));
+                window.in_flight += 1;
+                window.next = seq + 1;
+                if seq <= *max_published {
+                    Counters::bump(&self.shared.counters.redelivered);
+                }
+                *max_published = (*max_published).max(seq);
+            }
+        }
+    }
+
+    /// Clean goodbye: retained offline status, then DISCONNECT (no last will then).
+    async fn goodbye(&self, client: &AsyncClient, eventloop: &mut EventLoop) {
+        let _ = client.try_publish(
+            self.topics.status(),
+            QoS::AtLeastOnce,
+            true,
+            GatewayStatus::offline_payload(),
+        );
+        let _ = client.try_disconnect();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                Ok(Ok(MqttEvent::Outgoing(Outgoing::Disconnect))) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+}
+
+/// One readable sentence for a connection error.
+fn describe(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::ConnectionRefused(code) => {
+            format!("the broker refused the connection ({code:?}); check username, password_file and client_id")
+        }
+        ConnectionError::Io(io) => format!("{io}"),
+        ConnectionError::NetworkTimeout => "no answer from the broker within the connect timeout".into(),
+        ConnectionError::FlushTimeout => "the broker stopped reading from us".into(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,319 @@
+//! The tap pipeline: reader messages in, durable events out.
+//!
+//! Runs on its own OS thread and owns the debouncer and the outbox writer. It takes every
+//! message that is waiting (a burst), debounces and decides each, records all resulting
+//! events in one batch with one fsync (group commit), and only then hands the decisions to
+//! the MQTT task and logs the taps. If the disk refuses, the events wait in a bounded
+//! in-memory queue and are written as soon as the disk accepts them again; the decision is
+//! still logged and reported.
+
+use crate::blocklist::Blocklist;
+use crate::clock::clock_synced;
+use crate::config::{DirectionMode, WhenStale};
+use crate::debounce::{Debouncer, Verdict};
+use crate::decide::{decide, toggle_direction};
+use crate::outbox::{Outbox, ToggleRecord};
+use crate::shared::{Counters, Shared};
+use id06_protocol::{
+    CardUid, Decision, Direction, Event, EventSchemaV1, Hint, ReaderState, UtcMillis,
+};
+use id06_readers::{ReaderMessage, Report};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// The most messages taken in one burst.
+const BURST: usize = 512;
+/// The most events held in memory while the disk refuses them.
+const MAX_UNSTORED: usize = 100_000;
+
+/// What the pipeline needs to know about a reader.
+#[derive(Debug, Clone)]
+pub struct ReaderInfo {
+    /// Configured name.
+    pub name: String,
+    /// In, out or toggle.
+    pub direction: DirectionMode,
+}
+
+/// Everything the pipeline works with.
+pub struct Pipeline {
+    /// Site id for events.
+    pub site_id: String,
+    /// Terminal id for events.
+    pub terminal_id: String,
+    /// Readers by index.
+    pub readers: Vec<ReaderInfo>,
+    /// The debouncer.
+    pub debouncer: Debouncer,
+    /// Where events go.
+    pub outbox: Outbox,
+    /// Where decisions come from.
+    pub blocklist: Blocklist,
+    /// `[blocklist] max_age_hours`.
+    pub max_age_hours: u64,
+    /// `[blocklist] when_stale`.
+    pub when_stale: WhenStale,
+    /// Counters, reader states, wake-up.
+    pub shared: Arc<Shared>,
+    /// Decisions for `P/decision` (best effort: dropped when full).
+    pub decisions: mpsc::Sender<Vec<u8>>,
+    /// The zero point of the debouncer's clock.
+    pub epoch: Instant,
+}
+
+struct Pending {
+    event: Event,
+    toggle: Option<ToggleRecord>,
+}
+
+impl Pipeline {
+    /// Runs until every sender of `rx` is gone (all readers stopped), then writes what is
+    /// left and returns.
+    pub fn run(mut self, mut rx: mpsc::Receiver<ReaderMessage>) {
+        let mut unstored: VecDeque<Pending> = VecDeque::new();
+        let mut retry_at: Option<Instant> = None;
+        loop {
+            let first = if unstored.is_empty() {
+                match rx.blocking_recv() {
+                    Some(m) => Some(m),
+                    None => break,
+                }
+            } else {
+                // Events wait for the disk: retry at the deadline even if no reader speaks.
+                let wait = retry_at
+                    .map(|t| t.saturating_duration_since(Instant::now()))
+                    .unwrap_or_default();
+                match recv_timeout(&mut rx, wait) {
+                    Recv::Message(m) => Some(m),
+                    Recv::Timeout => None,
+                    Recv::Closed => {
+                        self.store(&mut unstored, &mut retry_at);
+                        if !unstored.is_empty() {
+                            tracing::error!(
+                                lost = unstored.len(),
+                                "shutting down with taps that could not be stored (the disk refused them); they are lost"
+                            );
+                        }
+                        return;
+                    }
+                }
+            };
+            let mut toggles_in_batch: HashMap<CardUid, (Direction, i64)> = HashMap::new();
+            if let Some(first) = first {
+                self.handle(first, &mut unstored, &mut toggles_in_batch);
+                for _ in 0..BURST {
+                    match rx.try_recv() {
+                        Ok(m) => self.handle(m, &mut unstored, &mut toggles_in_batch),
+                        Err(_) => break,
+                    }
+                }
+            }
+            if retry_at.is_none_or(|t| Instant::now() >= t) {
+                self.store(&mut unstored, &mut retry_at);
+            }
+        }
+        self.store(&mut unstored, &mut retry_at);
+    }
+
+    fn handle(
+        &mut self,
+        m: ReaderMessage,
+        unstored: &mut VecDeque<Pending>,
+        toggles: &mut HashMap<CardUid, (Direction, i64)>,
+    ) {
+        let reader = m.reader;
+        match m.report {
+            Report::Health { state, error } => {
+                let name = self.reader_name(reader);
+                self.shared.update_reader(reader, |s| {
+                    if state == ReaderState::Ok && s.state == ReaderState::Recovering {
+                        s.recoveries += 1;
+                        tracing::info!(reader = %name, recoveries = s.recoveries, "reader recovered");
+                    }
+                    if state != ReaderState::Ok {
+                        if s.state != state {
+                            tracing::warn!(reader = %name, state = ?state, error = error.as_deref().unwrap_or(""), "reader is not ok");
+                        }
+                        s.last_error = error.clone();
+                    }
+                    s.state = state;
+                });
+            }
+            Report::Device(info) => {
+                tracing::info!(reader = %self.reader_name(reader), device = %info, "reader found");
+                self.shared.update_reader(reader, |s| s.device = Some(info));
+            }
+            Report::Finished => {
+                tracing::info!(reader = %self.reader_name(reader), "reader finished");
+                Counters::bump(&self.shared.counters.readers_finished);
+            }
+            Report::Observed(observation) => {
+                let t = m.at.saturating_duration_since(self.epoch).as_millis() as u64;
+                let outcome = self.debouncer.observe(t, reader, &observation);
+                if let Some(h) = outcome.hold_steady {
+                    tracing::debug!(reader = %self.reader_name(reader), hold_steady = h, "hint");
+                    self.shared
+                        .update_reader(reader, |s| s.hint = h.then_some(Hint::HoldSteady));
+                }
+                match outcome.verdict {
+                    None => {}
+                    Some(Verdict::Duplicate(uid)) => {
+                        Counters::bump(&self.shared.counters.duplicates);
+                        tracing::debug!(reader = %self.reader_name(reader), card = %uid, "duplicate presentation, not a tap");
+                    }
+                    Some(Verdict::Tap(uid)) => {
+                        let elapsed = m.at.elapsed().as_millis() as i64;
+                        let occurred_at = UtcMillis(UtcMillis::now().as_millis() - elapsed);
+                        if unstored.len() >= MAX_UNSTORED {
+                            tracing::error!(card = %uid, "the disk has refused taps for too long; this tap cannot be kept");
+                            return;
+                        }
+                        let pending = self.tap(reader, uid, occurred_at, toggles);
+                        unstored.push_back(pending);
+                    }
+                }
+            }
+        }
+    }
+
+    fn reader_name(&self, reader: usize) -> String {
+        self.readers
+            .get(reader)
+            .map_or_else(|| format!("#{reader}"), |r| r.name.clone())
+    }
+
+    fn tap(
+        &mut self,
+        reader: usize,
+        uid: CardUid,
+        occurred_at: UtcMillis,
+        toggles: &mut HashMap<CardUid, (Direction, i64)>,
+    ) -> Pending {
+        let index = self.blocklist.index();
+        let stale = index.is_stale(occurred_at, self.max_age_hours);
+        let ruling = decide(index.lookup(&uid), stale, self.when_stale);
+        let mode = self
+            .readers
+            .get(reader)
+            .map_or(DirectionMode::In, |r| r.direction);
+        let direction = match mode.fixed() {
+            Some(d) => d,
+            None => {
+                let last = match toggles.get(&uid) {
+                    Some(v) => Some(*v),
+                    None => self.outbox.toggle_state(&uid).unwrap_or_else(|e| {
+                        tracing::warn!(card = %uid, "cannot read the toggle state ({e}); counting this tap as in");
+                        None
+                    }),
+                };
+                toggle_direction(last, occurred_at.as_millis())
+            }
+        };
+        // Only a granted tap moves the card's in/out state: a denied worker did not pass.
+        let toggle = (ruling.decision == Decision::Granted).then_some(ToggleRecord {
+            uid,
+            direction,
+            at_ms: occurred_at.as_millis(),
+        });
+        if let Some(t) = toggle {
+            toggles.insert(uid, (t.direction, t.at_ms));
+        }
+        let event = Event {
+            schema: EventSchemaV1,
+            event_id: String::new(),
+            seq: 0,
+            site_id: self.site_id.clone(),
+            terminal_id: self.terminal_id.clone(),
+            reader: self.reader_name(reader),
+            direction,
+            card_uid: uid,
+            card_status: ruling.card_status,
+            decision: ruling.decision,
+            reason: ruling.reason,
+            blocklist_version: index.version,
+            blocklist_stale: stale,
+            occurred_at,
+            clock_synced: clock_synced(),
+        };
+        Pending { event, toggle }
+    }
+
+    /// Writes the waiting events; on success publishes their decisions.
+    fn store(&mut self, unstored: &mut VecDeque<Pending>, retry_at: &mut Option<Instant>) {
+        if unstored.is_empty() {
+            *retry_at = None;
+            return;
+        }
+        let events: Vec<Event> = unstored.iter().map(|p| p.event.clone()).collect();
+        let toggles: Vec<ToggleRecord> = unstored.iter().filter_map(|p| p.toggle).collect();
+        match self.outbox.commit(events, &toggles) {
+            Ok(recorded) => {
+                unstored.clear();
+                *retry_at = None;
+                if let Ok(mut e) = self.shared.storage_error.lock() {
+                    if e.take().is_some() {
+                        tracing::info!("the disk accepts events again");
+                    }
+                }
+                let c = &self.shared.counters;
+                for e in &recorded {
+                    Counters::bump(&c.taps);
+                    match e.reason {
+                        None => Counters::bump(&c.granted),
+                        Some(r) => Counters::bump(c.denied_for(r)),
+                    }
+                    tracing::info!(
+                        seq = e.seq,
+                        reader = %e.reader,
+                        direction = %e.direction,
+                        card = %e.card_uid,
+                        status = %e.card_status,
+                        decision = ?e.decision,
+                        reason = e.reason.map_or("", |r| r.as_str()),
+                        "tap"
+                    );
+                    if self.decisions.try_send(e.to_json()).is_err() {
+                        Counters::bump(&c.decisions_dropped);
+                    }
+                }
+                self.shared.wake.notify_one();
+            }
+            Err(err) => {
+                Counters::bump(&self.shared.counters.storage_failures);
+                let message = err.to_string();
+                if let Ok(mut e) = self.shared.storage_error.lock() {
+                    if e.as_deref() != Some(&message) {
+                        tracing::error!(waiting = unstored.len(), "CANNOT STORE TAPS: {message}; they wait in memory and are retried");
+                    }
+                    *e = Some(message);
+                }
+                self.shared.wake.notify_one();
+                *retry_at = Some(Instant::now() + Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+enum Recv {
+    Message(ReaderMessage),
+    Timeout,
+    Closed,
+}
+
+/// `blocking_recv` with a deadline (tokio's mpsc has none for blocking callers).
+fn recv_timeout(rx: &mut mpsc::Receiver<ReaderMessage>, wait: Duration) -> Recv {
+    let deadline = Instant::now() + wait;
+    loop {
+        match rx.try_recv() {
+            Ok(m) => return Recv::Message(m),
+            Err(mpsc::error::TryRecvError::Disconnected) => return Recv::Closed,
+            Err(mpsc::error::TryRecvError::Empty) => {}
+        }
+        if Instant::now() >= deadline {
+            return Recv::Timeout;
+        }
+        std::thread::sleep(Duration::from_millis(5).min(wait));
+    }
+}

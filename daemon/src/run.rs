@@ -1,0 +1,226 @@
+//! Orchestration: open the store, start the MQTT task, the tap pipeline and the readers,
+//! and stop them in order (DESIGN.md §5): readers first, then the pipeline writes what is in
+//! flight, then MQTT delivers what it can and says goodbye, then sled is flushed.
+
+use crate::blocklist::Blocklist;
+use crate::config::Config;
+use crate::debounce::Debouncer;
+use crate::mqtt::MqttTask;
+use crate::outbox::Outbox;
+use crate::pipeline::{Pipeline, ReaderInfo};
+use crate::readers::spawn_reader;
+use crate::shared::Shared;
+use crate::store::{Store, StoreError};
+use id06_protocol::{Topics, UtcMillis};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Why the daemon could not run or stopped with a failure.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The data directory.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A file the configuration points to.
+    #[error("{0}")]
+    Setup(String),
+    /// A critical task died.
+    #[error("internal failure: {0}")]
+    Internal(String),
+}
+
+/// What a running daemon exposes to whoever started it (the CLI, the demo, tests).
+pub struct Running {
+    /// Counters and reader states.
+    pub shared: Arc<Shared>,
+    /// The outbox (read-only use).
+    pub outbox: Outbox,
+    /// The blocklist.
+    pub blocklist: Blocklist,
+    /// The store.
+    pub store: Store,
+}
+
+/// Options that are not in the configuration file.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// After shutdown, how long MQTT may keep delivering the outbox.
+    pub drain_timeout: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            drain_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` is cancelled. `on_started` is called once everything is
+/// set up (the store is open, the MQTT task and the readers run).
+pub async fn run(
+    config: Config,
+    options: RunOptions,
+    shutdown: CancellationToken,
+    on_started: impl FnOnce(&Running),
+) -> Result<(), RunError> {
+    let started_at = UtcMillis::now();
+    let store = {
+        let dir = config.data_dir.clone();
+        let terminal = config.terminal_id.clone();
+        tokio::task::spawn_blocking(move || Store::open(&dir, &terminal))
+            .await
+            .map_err(|e| RunError::Internal(e.to_string()))??
+    };
+    let outbox = Outbox::open(&store)?;
+    let blocklist = Blocklist::open(&store.db, &store.dir)?;
+    let password = match &config.mqtt.password_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| {
+                    RunError::Setup(format!(
+                        "cannot read [mqtt] password_file {}: {e}",
+                        path.display()
+                    ))
+                })?
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+        ),
+        None => None,
+    };
+    if config.blocklist.public_key.is_none() {
+        tracing::warn!("no [blocklist] public_key: blocklist updates would be accepted unsigned");
+    }
+    if config.readers.is_empty() {
+        tracing::warn!("no [[reader]] configured: this gateway will record no taps");
+    }
+    let index = blocklist.index();
+    tracing::info!(
+        terminal = %config.terminal_id,
+        site = %config.site_id,
+        data_dir = %config.data_dir.display(),
+        last_seq = outbox.last_seq(),
+        outbox_depth = outbox.depth(),
+        blocklist_version = index.version,
+        blocklist_cards = index.len(),
+        "id06d starting"
+    );
+
+    let names: Vec<String> = config.readers.iter().map(|r| r.name.clone()).collect();
+    let shared = Arc::new(Shared::new(&names));
+    let topics = Topics::new(
+        &config.mqtt.topic_prefix,
+        &config.site_id,
+        &config.terminal_id,
+    );
+
+    // MQTT.
+    let (decisions_tx, decisions_rx) = mpsc::channel(256);
+    let mqtt_stop = CancellationToken::new();
+    let mqtt = MqttTask {
+        settings: config.mqtt.clone(),
+        password,
+        topics,
+        outbox: outbox.clone(),
+        blocklist: blocklist.clone(),
+        max_age_hours: config.blocklist.max_age_hours,
+        shared: shared.clone(),
+        decisions: decisions_rx,
+        started_at,
+        shutdown: mqtt_stop.clone(),
+        drain_timeout: options.drain_timeout,
+    };
+    let mut mqtt_task = tokio::spawn(mqtt.run());
+
+    // The tap pipeline, on its own thread.
+    let (reader_tx, reader_rx) = mpsc::channel(4096);
+    let pipeline = Pipeline {
+        site_id: config.site_id.clone(),
+        terminal_id: config.terminal_id.clone(),
+        readers: config
+            .readers
+            .iter()
+            .map(|r| ReaderInfo {
+                name: r.name.clone(),
+                direction: r.direction,
+            })
+            .collect(),
+        debouncer: Debouncer::new(config.debounce),
+        outbox: outbox.clone(),
+        blocklist: blocklist.clone(),
+        max_age_hours: config.blocklist.max_age_hours,
+        when_stale: config.blocklist.when_stale,
+        shared: shared.clone(),
+        decisions: decisions_tx,
+        epoch: Instant::now(),
+    };
+    let (pipeline_done_tx, pipeline_done) = tokio::sync::oneshot::channel::<()>();
+    let pipeline_thread = std::thread::Builder::new()
+        .name("tap-pipeline".into())
+        .spawn(move || {
+            pipeline.run(reader_rx);
+            let _ = pipeline_done_tx.send(());
+        })
+        .map_err(|e| RunError::Internal(format!("cannot start the tap pipeline thread: {e}")))?;
+
+    // Readers.
+    let readers_stop = CancellationToken::new();
+    let reader_tasks: Vec<_> = config
+        .readers
+        .iter()
+        .enumerate()
+        .map(|(i, r)| spawn_reader(i, r, reader_tx.clone(), readers_stop.clone()))
+        .collect();
+    drop(reader_tx);
+
+    let running = Running {
+        shared: shared.clone(),
+        outbox: outbox.clone(),
+        blocklist: blocklist.clone(),
+        store: store.clone(),
+    };
+    on_started(&running);
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+
+    // Run until told to stop, or until a critical task dies.
+    let mut pipeline_done = pipeline_done;
+    let failure = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        _ = &mut pipeline_done => {
+            // Only happens on its own if every reader task ended and dropped its sender
+            // (simulated readers that finished): not a failure, keep serving MQTT.
+            shutdown.cancelled().await;
+            None
+        }
+        r = &mut mqtt_task => Some(format!("the MQTT task stopped: {r:?}")),
+    };
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    tracing::info!("stopping: readers first, then the outbox, then MQTT");
+
+    readers_stop.cancel();
+    for t in reader_tasks {
+        let _ = t.await;
+    }
+    let joined = tokio::task::spawn_blocking(move || pipeline_thread.join())
+        .await
+        .map_err(|e| RunError::Internal(e.to_string()))?;
+    if joined.is_err() {
+        return Err(RunError::Internal("the tap pipeline thread panicked".into()));
+    }
+    mqtt_stop.cancel();
+    if !mqtt_task.is_finished() {
+        let _ = mqtt_task.await;
+    }
+    store.flush()?;
+    tracing::info!(
+        last_seq = outbox.last_seq(),
+        outbox_depth = outbox.depth(),
+        "id06d stopped"
+    );
+    match failure {
+        Some(f) => Err(RunError::Internal(f)),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,146 @@
+//! State shared between the daemon's tasks: counters, reader states, and the signal that
+//! wakes the MQTT task. Everything here is either atomic or behind a short-held lock.
+
+use id06_protocol::{DenyReason, ReaderStatus};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use tokio::sync::Notify;
+
+/// Counters since start, for the demo summary, logs and metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Taps recorded.
+    pub taps: AtomicU64,
+    /// Presentations suppressed as duplicates.
+    pub duplicates: AtomicU64,
+    /// Taps granted.
+    pub granted: AtomicU64,
+    /// Taps denied, by [`DenyReason::ALL`] index.
+    pub denied: [AtomicU64; 5],
+    /// Events acknowledged by the broker on `P/event`.
+    pub delivered: AtomicU64,
+    /// Events published again (after a reconnect or restart).
+    pub redelivered: AtomicU64,
+    /// Decisions published on `P/decision`.
+    pub decisions_published: AtomicU64,
+    /// Decisions not published because the broker was unreachable or the queue full.
+    pub decisions_dropped: AtomicU64,
+    /// Readers whose driver finished (simulated timelines that reached `end`).
+    pub readers_finished: AtomicU64,
+    /// Failed attempts to store events.
+    pub storage_failures: AtomicU64,
+}
+
+impl Counters {
+    /// Adds one to a counter.
+    pub fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads a counter.
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    /// The counter for a deny reason.
+    pub fn denied_for(&self, reason: DenyReason) -> &AtomicU64 {
+        let i = DenyReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        &self.denied[i]
+    }
+}
+
+/// One reader's published state and whether it changed since last published.
+#[derive(Debug, Clone)]
+pub struct ReaderSlot {
+    /// The reader's configured name.
+    pub name: String,
+    /// The state to publish on `P/reader/{name}`.
+    pub status: ReaderStatus,
+    /// Changed since the MQTT task last published it.
+    pub dirty: bool,
+}
+
+/// What the tasks share.
+#[derive(Debug)]
+pub struct Shared {
+    /// Counters.
+    pub counters: Counters,
+    /// Reader states, by index.
+    pub readers: Mutex<Vec<ReaderSlot>>,
+    /// Wakes the MQTT task: new events in the outbox, reader states changed.
+    pub wake: Notify,
+    /// The last storage failure, while it lasts.
+    pub storage_error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    /// Shared state for readers with these names.
+    pub fn new(reader_names: &[String]) -> Shared {
+        let readers = reader_names
+            .iter()
+            .map(|name| ReaderSlot {
+                name: name.clone(),
+                status: ReaderStatus {
+                    state: id06_protocol::ReaderState::Absent,
+                    hint: None,
+                    last_error: None,
+                    recoveries: 0,
+                    device: None,
+                },
+                dirty: true,
+            })
+            .collect();
+        Shared {
+            counters: Counters::default(),
+            readers: Mutex::new(readers),
+            wake: Notify::new(),
+            storage_error: Mutex::new(None),
+        }
+    }
+
+    /// Changes reader `index`'s state with `f`; marks it for publishing if it changed.
+    pub fn update_reader(&self, index: usize, f: impl FnOnce(&mut ReaderStatus)) {
+        let changed = {
+            let Ok(mut readers) = self.readers.lock() else {
+                return;
+            };
+            let Some(slot) = readers.get_mut(index) else {
+                return;
+            };
+            let before = slot.status.clone();
+            f(&mut slot.status);
+            let changed = slot.status != before;
+            slot.dirty |= changed;
+            changed
+        };
+        if changed {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Takes the reader states that changed since the last call (all of them with `all`).
+    pub fn take_reader_updates(&self, all: bool) -> Vec<(String, ReaderStatus)> {
+        let Ok(mut readers) = self.readers.lock() else {
+            return Vec::new();
+        };
+        readers
+            .iter_mut()
+            .filter(|s| all || s.dirty)
+            .map(|s| {
+                s.dirty = false;
+                (s.name.clone(), s.status.clone())
+            })
+            .collect()
+    }
+
+    /// A snapshot of every reader's state.
+    pub fn reader_states(&self) -> Vec<(String, ReaderStatus)> {
+        self.readers
+            .lock()
+            .map(|r| r.iter().map(|s| (s.name.clone(), s.status.clone())).collect())
+            .unwrap_or_default()
+    }
+}
