@@ -1,1 +1,6 @@
-//! Integration tests against real peers.
+//! Integration tests against real peers: a real mosquitto per test, the real `id06d`
+//! binary, real sled databases in temporary directories. One binary, a module per area.
+
+mod cli;
+mod pipeline;
+mod support;

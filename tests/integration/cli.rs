@@ -1,0 +1,120 @@
+//! The command line as an operator uses it: configuration errors, the blocklist and outbox
+//! commands, and what they say while the daemon holds the data directory.
+
+use crate::support::*;
+use std::time::Duration;
+
+const BASE: &str = "site_id = \"SE-1\"\nterminal_id = \"t-1\"\ndata_dir = \"data\"\n";
+
+fn write(dir: &std::path::Path, text: &str) -> String {
+    let p = dir.join("c.toml");
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn check_config_prints_the_effective_configuration() {
+    let dir = scratch();
+    let cfg = write(dir.path(), &format!("{BASE}[[reader]]\nname = \"entry\"\nkind = \"pcsc\"\nmatch = \"ACR\"\ndirection = \"in\"\n"));
+    let (code, out, err) = id06d(&["check-config", "--config", &cfg]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("client_id    = \"id06d-t-1\""), "{out}");
+    assert!(out.contains("gone_ms        = 500"), "{out}");
+    assert!(out.contains("no public_key"), "{out}");
+}
+
+#[test]
+fn configuration_mistakes_are_one_line_naming_the_line_and_exit_2() {
+    let dir = scratch();
+    let cases = [
+        (format!("{BASE}[debounce]\ngone_mss = 5\n"), ":5:", "gone_mss"),
+        (format!("{BASE}[debounce]\ngone_ms = \"fast\"\n"), ":5:", "invalid type"),
+        (
+            format!("{BASE}[[reader]]\nname = \"a\"\nkind = \"pcsc\"\nmatch = \"x\"\ndirection = \"in\"\n[[reader]]\nname = \"a\"\nkind = \"pcsc\"\nmatch = \"y\"\ndirection = \"in\"\n"),
+            ":10:",
+            "used twice",
+        ),
+        ("site_id = \"x\"\n".to_string(), "c.toml", "missing field"),
+    ];
+    for (text, line, needle) in cases {
+        let cfg = write(dir.path(), &text);
+        let (code, _, err) = id06d(&["check-config", "--config", &cfg]);
+        assert_eq!(code, 2, "{text}: {err}");
+        let err = err.trim_end();
+        assert!(!err.contains('\n'), "one line: {err}");
+        assert!(err.contains(line) && err.contains(needle), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let (code, _, err) = id06d(&["check-config", "--config", "/nonexistent/id06d.toml"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/id06d.toml"), "{err}");
+    let (code, _, _) = id06d(&["frobnicate"]);
+    assert_eq!(code, 2, "usage errors exit 2");
+}
+
+#[test]
+fn blocklist_import_lookup_and_stats() {
+    let dir = scratch();
+    let cfg = write(dir.path(), BASE);
+    let csv = dir.path().join("list.csv");
+    std::fs::write(&csv, "04A1B2C3D4E5F6,blocked\n04:a1:b2:c3,suspended\nDEADBEEF,active\n").unwrap();
+    let (code, out, err) = id06d(&["blocklist", "import", csv.to_str().unwrap(), "--config", &cfg]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("imported 2 listed cards") && out.contains("version 1"), "{out}");
+    let (code, out, _) = id06d(&["blocklist", "lookup", "04 a1 b2 c3 d4 e5 f6", "--config", &cfg]);
+    assert_eq!(code, 0);
+    assert!(out.contains("card 04A1B2C3D4E5F6: blocked"), "{out}");
+    assert!(out.contains("version 1"), "{out}");
+    let (_, out, _) = id06d(&["blocklist", "lookup", "DEADBEEF", "--config", &cfg]);
+    assert!(out.contains("unlisted"), "{out}");
+    let (code, _, err) = id06d(&["blocklist", "lookup", "xyz", "--config", &cfg]);
+    assert_eq!(code, 2);
+    assert!(err.contains("\"xyz\""), "{err}");
+    let (_, out, _) = id06d(&["blocklist", "stats", "--config", &cfg]);
+    assert!(out.contains("2 listed cards") && out.contains("blocked     1"), "{out}");
+
+    // A bad file imports nothing and names every bad line.
+    std::fs::write(&csv, "04A1B2C3D4E5F6,terminated\nbad line\n04A1B2C3,lost\n").unwrap();
+    let (code, _, err) = id06d(&["blocklist", "import", csv.to_str().unwrap(), "--config", &cfg]);
+    assert_eq!(code, 2);
+    assert!(err.contains("list.csv:2:") && err.contains("list.csv:3:"), "{err}");
+    let (_, out, _) = id06d(&["blocklist", "lookup", "04A1B2C3D4E5F6", "--config", &cfg]);
+    assert!(out.contains("blocked") && out.contains("version 1"), "the old list stays: {out}");
+}
+
+#[test]
+fn commands_say_plainly_when_the_daemon_holds_the_data_directory() {
+    let dir = scratch();
+    let broker = broker(dir.path());
+    write_script(dir.path(), "s.txt", "at 0 absent\n");
+    let config = TestConfig::write(
+        dir.path(),
+        &broker.url(),
+        "[[reader]]\nname = \"r\"\nkind = \"simulated\"\nscript = \"s.txt\"\ndirection = \"in\"\n",
+    );
+    let mut daemon = Daemon::start(&config);
+    wait_for("the daemon to start", Duration::from_secs(10), || {
+        daemon.log_text().contains("id06d starting")
+    });
+    let started = std::time::Instant::now();
+    let (code, _, err) = id06d(&["outbox", "stats", "--config", config.path.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("in use by another id06d process"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "it does not hang");
+    assert_eq!(daemon.terminate(), Some(0));
+    let (code, out, err) = id06d(&["outbox", "stats", "--config", config.path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("outbox depth:   0"), "{out}");
+}
+
+#[test]
+fn a_data_directory_of_another_terminal_is_refused() {
+    let dir = scratch();
+    let cfg = write(dir.path(), BASE);
+    let (code, _, _) = id06d(&["outbox", "stats", "--config", &cfg]);
+    assert_eq!(code, 0);
+    let cfg = write(dir.path(), &BASE.replace("t-1", "t-2"));
+    let (code, _, err) = id06d(&["outbox", "stats", "--config", &cfg]);
+    assert_eq!(code, 1);
+    assert!(err.contains("belongs to terminal \"t-1\""), "{err}");
+}

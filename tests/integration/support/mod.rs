@@ -1,0 +1,275 @@
+//! Shared test support: a real mosquitto, the real `id06d` binary as a child process, and a
+//! ledger-side MQTT subscriber that records what arrives. Everything waits for conditions
+//! with deadlines; nothing sleeps a fixed time to "let things settle".
+
+#![allow(dead_code)]
+
+use rumqttc::{Client, Event as MqttEvent, MqttOptions, Packet, QoS};
+pub use id06d::broker::LocalBroker;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The daemon binary Cargo built for these tests.
+pub const ID06D: &str = env!("CARGO_BIN_EXE_id06d");
+
+/// Waits until `cond` holds, or panics with `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A scratch directory for one test, removed at the end.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("id06d-test-")
+        .tempdir()
+        .expect("a temporary directory")
+}
+
+/// Starts a private mosquitto for one test.
+pub fn broker(dir: &Path) -> LocalBroker {
+    LocalBroker::start(&dir.join("broker"), "").expect("mosquitto starts")
+}
+
+/// A configuration file for one test.
+pub struct TestConfig {
+    pub path: PathBuf,
+    pub site: String,
+    pub terminal: String,
+}
+
+impl TestConfig {
+    /// Writes `id06d.toml` in `dir` with the given broker URL and `extra` TOML (readers,
+    /// sections) appended.
+    pub fn write(dir: &Path, broker_url: &str, extra: &str) -> TestConfig {
+        let path = dir.join("id06d.toml");
+        let text = format!(
+            "site_id = \"SE-TEST\"\nterminal_id = \"gate-test\"\ndata_dir = \"data\"\n\n[mqtt]\nurl = \"{broker_url}\"\n\n{extra}\n"
+        );
+        std::fs::write(&path, text).expect("write config");
+        TestConfig {
+            path,
+            site: "SE-TEST".into(),
+            terminal: "gate-test".into(),
+        }
+    }
+
+    /// `P` for this configuration.
+    pub fn base(&self) -> String {
+        format!("id06/v1/{}/{}", self.site, self.terminal)
+    }
+}
+
+/// Runs `id06d ARGS…` to completion; returns (exit code, stdout, stderr).
+pub fn id06d(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(ID06D)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run id06d");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The daemon as a child process (`id06d run`), its log in a file.
+pub struct Daemon {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `id06d run --config path`.
+    pub fn start(config: &TestConfig) -> Daemon {
+        let dir = config.path.parent().expect("config dir");
+        let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+        let log = dir.join(format!("daemon-{n}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(ID06D)
+            .args(["run", "--config"])
+            .arg(&config.path)
+            .env("RUST_LOG", "info,id06d=debug,rumqttc=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start id06d");
+        Daemon {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and waits for a clean exit; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        // SAFETY: signalling our own child process by pid.
+        unsafe {
+            libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("id06d did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether it still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// One message as the subscriber received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+    /// Which connection of the subscriber it arrived on (0, 1, … after reconnects).
+    pub connection: u32,
+}
+
+/// A ledger-side subscriber with a persistent session, on its own thread.
+pub struct Subscriber {
+    pub messages: Arc<Mutex<Vec<Received>>>,
+    client: Client,
+}
+
+impl Subscriber {
+    /// Connects as `client_id` to the broker on `port` and subscribes to `filters`; returns
+    /// once the subscription is acknowledged.
+    pub fn start(port: u16, client_id: &str, filters: &[&str]) -> Subscriber {
+        let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
+        o.set_clean_session(false);
+        o.set_keep_alive(Duration::from_secs(5));
+        o.set_max_packet_size(16 << 20, 16 << 20);
+        let (client, mut connection) = Client::new(o, 100);
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let subscribed = Arc::new(Mutex::new(false));
+        let m = messages.clone();
+        let s = subscribed.clone();
+        let c = client.clone();
+        let filters: Vec<String> = filters.iter().map(|f| f.to_string()).collect();
+        std::thread::spawn(move || {
+            let mut conn_no: u32 = 0;
+            let mut first = true;
+            for event in connection.iter() {
+                match event {
+                    Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                        if !first {
+                            conn_no += 1;
+                        }
+                        first = false;
+                        for f in &filters {
+                            let _ = c.try_subscribe(f.clone(), QoS::AtLeastOnce);
+                        }
+                    }
+                    Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                        *s.lock().unwrap() = true;
+                    }
+                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                        m.lock().unwrap().push(Received {
+                            topic: p.topic.clone(),
+                            payload: p.payload.to_vec(),
+                            retain: p.retain,
+                            connection: conn_no,
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(rumqttc::ConnectionError::RequestsDone) => return,
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        wait_for("the subscription", Duration::from_secs(10), || {
+            *subscribed.lock().unwrap()
+        });
+        Subscriber { messages, client }
+    }
+
+    /// Every message on `topic` so far.
+    pub fn on(&self, topic: &str) -> Vec<Received> {
+        self.messages
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.topic == topic)
+            .cloned()
+            .collect()
+    }
+
+    /// Every message on `topic` so far, decoded as JSON.
+    pub fn json_on(&self, topic: &str) -> Vec<serde_json::Value> {
+        self.on(topic)
+            .iter()
+            .map(|r| serde_json::from_slice(&r.payload).expect("JSON payload"))
+            .collect()
+    }
+
+    /// The newest message on `topic`, as JSON.
+    pub fn last_json(&self, topic: &str) -> Option<serde_json::Value> {
+        self.json_on(topic).pop()
+    }
+
+    /// Events received on `topic` (each arrival, duplicates included), decoded.
+    pub fn events(&self, topic: &str) -> Vec<id06_protocol::Event> {
+        self.on(topic)
+            .iter()
+            .map(|r| id06_protocol::Event::from_json(&r.payload).expect("a valid id06d/event/v1"))
+            .collect()
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.client.disconnect();
+    }
+}
+
+/// Writes a simulated reader timeline.
+pub fn write_script(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write script");
+    p
+}
+
+/// A 7-byte UID for card number `n` (`04` + 12 hex digits).
+pub fn card(n: u32) -> String {
+    format!("04{:012X}", n)
+}
