@@ -245,10 +245,7 @@ impl Blocklist {
     ) -> Result<(), StoreError> {
         let old = self.generation()?;
         let new = old + 1;
-        let tree = self
-            .db
-            .open_tree(tree_name(new))
-            .map_err(|e| self.err(e))?;
+        let tree = self.db.open_tree(tree_name(new)).map_err(|e| self.err(e))?;
         tree.clear().map_err(|e| self.err(e))?;
         for (n, chunk) in entries.chunks(20_000).enumerate() {
             let mut batch = sled::Batch::default();
@@ -265,9 +262,7 @@ impl Blocklist {
         flip.insert(CONFIRMED_AT, &now.as_millis().to_be_bytes());
         self.meta.apply_batch(flip).map_err(|e| self.err(e))?;
         self.db.flush().map_err(|e| self.err(e))?;
-        self.db
-            .drop_tree(tree_name(old))
-            .map_err(|e| self.err(e))?;
+        self.db.drop_tree(tree_name(old)).map_err(|e| self.err(e))?;
         let mut map = HashMap::with_capacity(entries.len());
         for (uid, status) in entries {
             map.insert(uid.key(), *status);
@@ -342,7 +337,9 @@ mod tests {
             .unwrap();
         // Simulate a crash after writing a new generation but before the flip.
         let orphan = db.open_tree("blocklist.2").unwrap();
-        orphan.insert(a.as_bytes(), &[CardStatus::Suspended.code()]).unwrap();
+        orphan
+            .insert(a.as_bytes(), &[CardStatus::Suspended.code()])
+            .unwrap();
         drop(bl);
         let bl = Blocklist::open(&db, dir.path()).unwrap();
         assert_eq!(bl.index().lookup(&a), Some(CardStatus::Blocked));

@@ -101,7 +101,8 @@ impl LocalBroker {
                 return Ok(());
             }
             if !self.is_running() {
-                let log = std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default();
                 self.child = None;
                 return Err(format!(
                     "mosquitto exited at start on port {}: {}",
@@ -111,7 +112,10 @@ impl LocalBroker {
             }
             if Instant::now() >= deadline {
                 self.kill();
-                return Err(format!("mosquitto did not listen on port {} within 10 s", self.port));
+                return Err(format!(
+                    "mosquitto did not listen on port {} within 10 s",
+                    self.port
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -12,4 +12,3 @@ pub fn clock_synced() -> bool {
     };
     state >= 0 && state != libc::TIME_ERROR && status & libc::STA_UNSYNC == 0
 }
-

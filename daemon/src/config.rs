@@ -432,14 +432,14 @@ impl Config {
                 || raw.mqtt.client_cert.is_some()
                 || raw.mqtt.client_key.is_some())
         {
-            return Err(loc.whole(
-                "[mqtt] ca_file, client_cert and client_key need an mqtts:// url",
-            ));
+            return Err(
+                loc.whole("[mqtt] ca_file, client_cert and client_key need an mqtts:// url")
+            );
         }
         if raw.mqtt.client_cert.is_some() != raw.mqtt.client_key.is_some() {
-            return Err(loc.whole(
-                "[mqtt] client_cert and client_key go together: set both or neither",
-            ));
+            return Err(
+                loc.whole("[mqtt] client_cert and client_key go together: set both or neither")
+            );
         }
         if raw.mqtt.password_file.is_some() && raw.mqtt.username.is_none() {
             return Err(loc.whole("[mqtt] password_file needs a username"));
@@ -525,12 +525,9 @@ impl Config {
                 }
             };
             let need = |key: &str, v: &Option<String>| -> Result<String, ConfigError> {
-                v.clone().filter(|s| !s.trim().is_empty()).ok_or_else(|| {
-                    here(format!(
-                        "kind \"{}\" needs `{key}`",
-                        kind_name(r.kind)
-                    ))
-                })
+                v.clone()
+                    .filter(|s| !s.trim().is_empty())
+                    .ok_or_else(|| here(format!("kind \"{}\" needs `{key}`", kind_name(r.kind))))
             };
             let poll = |default: u64| -> Result<Duration, ConfigError> {
                 let ms = r.poll_ms.unwrap_or(default);
@@ -622,7 +619,14 @@ impl Config {
         let _ = writeln!(s, "data_dir    = {}", p(&self.data_dir));
         let _ = writeln!(s, "\n[mqtt]");
         let m = &self.mqtt;
-        let _ = writeln!(s, "url          = {}   # host {} port {}{}", q(&m.url), m.host, m.port, if m.tls { ", TLS" } else { "" });
+        let _ = writeln!(
+            s,
+            "url          = {}   # host {} port {}{}",
+            q(&m.url),
+            m.host,
+            m.port,
+            if m.tls { ", TLS" } else { "" }
+        );
         let _ = writeln!(s, "client_id    = {}", q(&m.client_id));
         if let Some(u) = &m.username {
             let _ = writeln!(s, "username     = {}", q(u));
@@ -647,12 +651,21 @@ impl Config {
                     let _ = writeln!(s, "match     = {}", q(pattern));
                 }
                 DriverSettings::Pn532 { path, baud, poll } => {
-                    let _ = writeln!(s, "path      = {}\nbaud      = {baud}\npoll_ms   = {}", p(path), poll.as_millis());
+                    let _ = writeln!(
+                        s,
+                        "path      = {}\nbaud      = {baud}\npoll_ms   = {}",
+                        p(path),
+                        poll.as_millis()
+                    );
                 }
                 DriverSettings::Line { path, baud } => {
                     let _ = writeln!(s, "path      = {}\nbaud      = {baud}", p(path));
                 }
-                DriverSettings::Simulated { script_path, script, poll } => {
+                DriverSettings::Simulated {
+                    script_path,
+                    script,
+                    poll,
+                } => {
                     let _ = writeln!(
                         s,
                         "script    = {}   # {} steps\npoll_ms   = {}",
@@ -801,10 +814,26 @@ direction = "out"
 
     #[test]
     fn broker_urls() {
-        assert_eq!(parse_broker_url("mqtt://h").unwrap(), ("h".into(), 1883, false));
-        assert_eq!(parse_broker_url("mqtts://h:1").unwrap(), ("h".into(), 1, true));
-        assert_eq!(parse_broker_url("mqtt://[::1]:99").unwrap(), ("::1".into(), 99, false));
-        for bad in ["http://h", "mqtt://", "mqtt://h:0", "mqtt://h:x", "mqtt://u:p@h", "mqtt://h/x"] {
+        assert_eq!(
+            parse_broker_url("mqtt://h").unwrap(),
+            ("h".into(), 1883, false)
+        );
+        assert_eq!(
+            parse_broker_url("mqtts://h:1").unwrap(),
+            ("h".into(), 1, true)
+        );
+        assert_eq!(
+            parse_broker_url("mqtt://[::1]:99").unwrap(),
+            ("::1".into(), 99, false)
+        );
+        for bad in [
+            "http://h",
+            "mqtt://",
+            "mqtt://h:0",
+            "mqtt://h:x",
+            "mqtt://u:p@h",
+            "mqtt://h/x",
+        ] {
             assert!(parse_broker_url(bad).is_err(), "{bad}");
         }
     }
@@ -812,7 +841,11 @@ direction = "out"
     #[test]
     fn bad_values_are_refused() {
         for (from, to, needle) in [
-            ("terminal_id = \"gate-north-1\"", "terminal_id = \"a/b\"", "terminal_id"),
+            (
+                "terminal_id = \"gate-north-1\"",
+                "terminal_id = \"a/b\"",
+                "terminal_id",
+            ),
             ("[mqtt]", "[debounce]\nflap_limit = 1\n[mqtt]", "flap_limit"),
             ("direction = \"in\"", "direction = \"sideways\"", "sideways"),
             ("kind      = \"pcsc\"", "kind      = \"nfc\"", "nfc"),

@@ -85,7 +85,8 @@ impl Debouncer {
     /// Feeds one observation made at `t` (monotonic milliseconds) on reader `reader`.
     pub fn observe(&mut self, t: u64, reader: usize, observation: &Observation) -> Outcome {
         if reader >= self.readers.len() {
-            self.readers.resize_with(reader + 1, ReaderDebounce::default);
+            self.readers
+                .resize_with(reader + 1, ReaderDebounce::default);
         }
         let s = self.settings;
         let r = &mut self.readers[reader];
@@ -156,8 +157,7 @@ impl Debouncer {
             }
         }
 
-        let troubled =
-            r.changes.len() >= s.flap_limit as usize || r.failures >= s.flap_limit;
+        let troubled = r.changes.len() >= s.flap_limit as usize || r.failures >= s.flap_limit;
         if troubled && !r.hold_steady {
             r.hold_steady = true;
             out.hold_steady = Some(true);
@@ -219,7 +219,10 @@ mod tests {
     }
 
     fn empty(from: u64, to: u64, step: u64) -> Vec<(u64, usize, Observation)> {
-        (from..to).step_by(step as usize).map(|t| (t, 0, NoCard)).collect()
+        (from..to)
+            .step_by(step as usize)
+            .map(|t| (t, 0, NoCard))
+            .collect()
     }
 
     #[test]
@@ -269,7 +272,10 @@ mod tests {
         rows.extend(reads(A, 1000, 9000, 100));
         assert_eq!(
             taps(&play(&rows)),
-            vec![(0, 0, Verdict::Tap(uid(A))), (1000, 0, Verdict::Duplicate(uid(A)))]
+            vec![
+                (0, 0, Verdict::Tap(uid(A))),
+                (1000, 0, Verdict::Duplicate(uid(A)))
+            ]
         );
     }
 
@@ -349,7 +355,11 @@ mod tests {
     #[test]
     fn a_reader_fault_keeps_a_lying_card_one_tap() {
         let mut rows = reads(A, 0, 500, 100);
-        rows.extend((500..3500).step_by(100).map(|t| (t, 0, Fault("timeout".into()))));
+        rows.extend(
+            (500..3500)
+                .step_by(100)
+                .map(|t| (t, 0, Fault("timeout".into()))),
+        );
         rows.extend(reads(A, 3500, 4000, 100));
         let out = play(&rows);
         assert_eq!(taps(&out), vec![(0, 0, Verdict::Tap(uid(A)))]);

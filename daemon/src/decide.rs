@@ -66,15 +66,38 @@ mod tests {
         let table = [
             (None, Unlisted, Decision::Granted, None),
             (Some(Active), Active, Decision::Granted, None),
-            (Some(Blocked), Blocked, Decision::Denied, Some(DenyReason::Blocked)),
-            (Some(Terminated), Terminated, Decision::Denied, Some(DenyReason::Terminated)),
-            (Some(Suspended), Suspended, Decision::Denied, Some(DenyReason::Suspended)),
-            (Some(Produced), Produced, Decision::Denied, Some(DenyReason::NotActivated)),
+            (
+                Some(Blocked),
+                Blocked,
+                Decision::Denied,
+                Some(DenyReason::Blocked),
+            ),
+            (
+                Some(Terminated),
+                Terminated,
+                Decision::Denied,
+                Some(DenyReason::Terminated),
+            ),
+            (
+                Some(Suspended),
+                Suspended,
+                Decision::Denied,
+                Some(DenyReason::Suspended),
+            ),
+            (
+                Some(Produced),
+                Produced,
+                Decision::Denied,
+                Some(DenyReason::NotActivated),
+            ),
         ];
         for (listed, status, decision, reason) in table {
             for when_stale in [WhenStale::Allow, WhenStale::Deny] {
                 let r = decide(listed, false, when_stale);
-                assert_eq!((r.card_status, r.decision, r.reason), (status, decision, reason));
+                assert_eq!(
+                    (r.card_status, r.decision, r.reason),
+                    (status, decision, reason)
+                );
             }
         }
     }
@@ -94,8 +117,14 @@ mod tests {
     #[test]
     fn toggle_alternates_and_resets_after_twelve_hours() {
         assert_eq!(toggle_direction(None, 0), Direction::In);
-        assert_eq!(toggle_direction(Some((Direction::In, 0)), 1000), Direction::Out);
-        assert_eq!(toggle_direction(Some((Direction::Out, 0)), 1000), Direction::In);
+        assert_eq!(
+            toggle_direction(Some((Direction::In, 0)), 1000),
+            Direction::Out
+        );
+        assert_eq!(
+            toggle_direction(Some((Direction::Out, 0)), 1000),
+            Direction::In
+        );
         assert_eq!(
             toggle_direction(Some((Direction::In, 0)), TOGGLE_RESET_MS),
             Direction::Out

@@ -122,7 +122,8 @@ pub async fn run_demo() -> Result<(), String> {
 
     // The list the site's backend would have sent: one card of each denied status.
     {
-        let store = Store::open(&config.data_dir, &config.terminal_id).map_err(|e| e.to_string())?;
+        let store =
+            Store::open(&config.data_dir, &config.terminal_id).map_err(|e| e.to_string())?;
         let bl = Blocklist::open(&store.db, &store.dir).map_err(|e| e.to_string())?;
         let entries: Vec<(CardUid, CardStatus)> = BLOCKLIST
             .iter()
@@ -136,7 +137,11 @@ pub async fn run_demo() -> Result<(), String> {
         ));
     }
 
-    let topics = Topics::new(&config.mqtt.topic_prefix, &config.site_id, &config.terminal_id);
+    let topics = Topics::new(
+        &config.mqtt.topic_prefix,
+        &config.site_id,
+        &config.terminal_id,
+    );
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let ledger_stop = CancellationToken::new();
     let ledger_task = tokio::spawn(ledger_subscriber(
@@ -187,7 +192,9 @@ pub async fn run_demo() -> Result<(), String> {
             })
             .await
             .map_err(|e| e.to_string())?;
-            say("broker   ✗ DOWN (simulated outage): taps go on, events wait in the durable outbox");
+            say(
+                "broker   ✗ DOWN (simulated outage): taps go on, events wait in the durable outbox",
+            );
         }
         if down && !up_again && t >= OUTAGE.1 {
             up_again = true;
@@ -228,26 +235,47 @@ pub async fn run_demo() -> Result<(), String> {
     // Reader states as the terminal would show them.
     let readers: Vec<(String, ReaderStatus)> = shared.reader_states();
     let c = &shared.counters;
-    let l = ledger.lock().map_err(|_| "ledger state poisoned".to_string())?;
+    let l = ledger
+        .lock()
+        .map_err(|_| "ledger state poisoned".to_string())?;
     let seqs: Vec<u64> = l.events.keys().copied().collect();
     let in_order_no_gap = seqs.iter().enumerate().all(|(i, s)| *s == i as u64 + 1);
     say("");
     say("summary");
-    say(&format!("  taps recorded          {}", Counters::get(&c.taps)));
-    say(&format!("  duplicates suppressed  {}", Counters::get(&c.duplicates)));
-    say(&format!("  granted                {}", Counters::get(&c.granted)));
-    let denied: u64 = DenyReason::ALL.iter().map(|r| Counters::get(c.denied_for(*r))).sum();
+    say(&format!(
+        "  taps recorded          {}",
+        Counters::get(&c.taps)
+    ));
+    say(&format!(
+        "  duplicates suppressed  {}",
+        Counters::get(&c.duplicates)
+    ));
+    say(&format!(
+        "  granted                {}",
+        Counters::get(&c.granted)
+    ));
+    let denied: u64 = DenyReason::ALL
+        .iter()
+        .map(|r| Counters::get(c.denied_for(*r)))
+        .sum();
     let by_reason: Vec<String> = DenyReason::ALL
         .iter()
         .filter(|r| Counters::get(c.denied_for(**r)) > 0)
         .map(|r| format!("{} {}", Counters::get(c.denied_for(*r)), r.as_str()))
         .collect();
-    say(&format!("  denied                 {denied} ({})", by_reason.join(", ")));
+    say(&format!(
+        "  denied                 {denied} ({})",
+        by_reason.join(", ")
+    ));
     say(&format!(
         "  delivered to ledger    {} events, seq 1..{} {}, {} redelivered (same event_id)",
         l.events.len(),
         seqs.last().copied().unwrap_or(0),
-        if in_order_no_gap { "without a gap" } else { "WITH GAPS" },
+        if in_order_no_gap {
+            "without a gap"
+        } else {
+            "WITH GAPS"
+        },
         l.redeliveries
     ));
     say(&format!(
@@ -290,10 +318,7 @@ async fn ledger_subscriber(
     o.set_keep_alive(Duration::from_secs(5));
     let (client, mut eventloop) = AsyncClient::new(o, 64);
     let mut shown: BTreeMap<String, String> = BTreeMap::new();
-    let reader_topic = format!(
-        "{}/+",
-        topics.reader("x").trim_end_matches("/x")
-    );
+    let reader_topic = format!("{}/+", topics.reader("x").trim_end_matches("/x"));
     loop {
         let polled = tokio::select! {
             _ = stop.cancelled() => return,
@@ -333,8 +358,13 @@ async fn ledger_subscriber(
                     }
                 } else if let Ok(s) = serde_json::from_slice::<ReaderStatus>(&p.payload) {
                     let name = p.topic.rsplit('/').next().unwrap_or("?");
-                    let hint = if s.hint.is_some() { " — shows \"hold the card still\"" } else { "" };
-                    let line = format!("terminal reader {name}: {:?}{hint}", s.state).to_lowercase();
+                    let hint = if s.hint.is_some() {
+                        " — shows \"hold the card still\""
+                    } else {
+                        ""
+                    };
+                    let line =
+                        format!("terminal reader {name}: {:?}{hint}", s.state).to_lowercase();
                     if shown.insert(name.to_string(), line.clone()).as_ref() != Some(&line) {
                         say(&line);
                     }

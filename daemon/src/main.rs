@@ -12,7 +12,11 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "id06d", version, about = "ID06 card readers to the electronic personnel ledger, over MQTT")]
+#[command(
+    name = "id06d",
+    version,
+    about = "ID06 card readers to the electronic personnel ledger, over MQTT"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -204,8 +208,7 @@ fn dispatch(command: Command) -> Result<(), Failure> {
         Command::Demo => {
             init_logging("info,rumqttc=off");
             let rt = tokio_runtime()?;
-            rt.block_on(id06d::demo::run_demo())
-                .map_err(runtime)
+            rt.block_on(id06d::demo::run_demo()).map_err(runtime)
         }
         Command::CheckConfig { config } => {
             let config = load_config(&config)?;
@@ -220,7 +223,12 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 let mut names: Vec<String> = entries
                     .filter_map(|e| e.ok())
                     .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with("ttyUSB") || n.starts_with("ttyACM") || n.starts_with("ttyAMA") || n.starts_with("serial"))
+                    .filter(|n| {
+                        n.starts_with("ttyUSB")
+                            || n.starts_with("ttyACM")
+                            || n.starts_with("ttyAMA")
+                            || n.starts_with("serial")
+                    })
                     .collect();
                 names.sort();
                 for n in names {
@@ -241,7 +249,10 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             let store = open_store(&config)?;
             let outbox = Outbox::open(&store).map_err(|e| runtime(e.to_string()))?;
             let stats = outbox.stats().map_err(|e| runtime(e.to_string()))?;
-            println!("outbox depth:   {} events waiting for the broker", stats.depth);
+            println!(
+                "outbox depth:   {} events waiting for the broker",
+                stats.depth
+            );
             match stats.oldest {
                 Some((seq, at)) => {
                     let age = (UtcMillis::now().as_millis() - at.as_millis()).max(0) / 1000;
@@ -374,7 +385,10 @@ fn blocklist(command: BlocklistCommand) -> Result<(), Failure> {
             bl.replace(&entries, version, UtcMillis::now(), |done| {
                 if big && (last_shown.elapsed().as_millis() >= 1000 || done == total) {
                     last_shown = std::time::Instant::now();
-                    eprintln!("imported {done} of {total} cards ({}%)", done * 100 / total.max(1));
+                    eprintln!(
+                        "imported {done} of {total} cards ({}%)",
+                        done * 100 / total.max(1)
+                    );
                 }
             })
             .map_err(|e| runtime(format!("nothing imported: {e}")))?;
@@ -413,11 +427,19 @@ fn blocklist(command: BlocklistCommand) -> Result<(), Failure> {
             let bl = Blocklist::open(&store.db, &store.dir).map_err(|e| runtime(e.to_string()))?;
             let index = bl.index();
             let now = UtcMillis::now();
-            println!("blocklist version {}: {} listed cards", index.version, index.len());
+            println!(
+                "blocklist version {}: {} listed cards",
+                index.version,
+                index.len()
+            );
             let counts = index.counts();
             for s in id06_protocol::CardStatus::ALL {
                 if s.is_listed() {
-                    println!("  {:<11} {}", s.as_str(), counts.get(&s).copied().unwrap_or(0));
+                    println!(
+                        "  {:<11} {}",
+                        s.as_str(),
+                        counts.get(&s).copied().unwrap_or(0)
+                    );
                 }
             }
             println!(
@@ -443,7 +465,10 @@ fn age_text(age: Option<u64>) -> String {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM received"),

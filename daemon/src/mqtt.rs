@@ -123,7 +123,12 @@ impl MqttTask {
             clock_synced: clock_synced(),
             blocklist_stale: index.is_stale(now, self.max_age_hours),
             blocklist_gap: None,
-            storage_error: self.shared.storage_error.lock().ok().and_then(|e| e.clone()),
+            storage_error: self
+                .shared
+                .storage_error
+                .lock()
+                .ok()
+                .and_then(|e| e.clone()),
         };
         serde_json::to_vec(&status).unwrap_or_default()
     }
@@ -203,7 +208,8 @@ impl MqttTask {
                     return (End::Shutdown, true);
                 }
             }
-            let deadline_sleep = drain_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let deadline_sleep =
+                drain_deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 polled = eventloop.poll() => {
                     match polled {
@@ -303,7 +309,10 @@ impl MqttTask {
     /// Tops the window up from the outbox.
     fn fill(&self, client: &AsyncClient, window: &mut Window, max_published: &mut u64) {
         while window.in_flight < WINDOW {
-            let batch = match self.outbox.pending_from(window.next, WINDOW - window.in_flight) {
+            let batch = match self
+                .outbox
+                .pending_from(window.next, WINDOW - window.in_flight)
+            {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::error!("cannot read the outbox: {e}");
@@ -357,7 +366,9 @@ fn describe(e: &ConnectionError) -> String {
             format!("the broker refused the connection ({code:?}); check username, password_file and client_id")
         }
         ConnectionError::Io(io) => format!("{io}"),
-        ConnectionError::NetworkTimeout => "no answer from the broker within the connect timeout".into(),
+        ConnectionError::NetworkTimeout => {
+            "no answer from the broker within the connect timeout".into()
+        }
         ConnectionError::FlushTimeout => "the broker stopped reading from us".into(),
         other => other.to_string(),
     }

@@ -285,7 +285,10 @@ impl Pipeline {
                 let message = err.to_string();
                 if let Ok(mut e) = self.shared.storage_error.lock() {
                     if e.as_deref() != Some(&message) {
-                        tracing::error!(waiting = unstored.len(), "CANNOT STORE TAPS: {message}; they wait in memory and are retried");
+                        tracing::error!(
+                            waiting = unstored.len(),
+                            "CANNOT STORE TAPS: {message}; they wait in memory and are retried"
+                        );
                     }
                     *e = Some(message);
                 }

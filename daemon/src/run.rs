@@ -207,7 +207,9 @@ pub async fn run(
         .await
         .map_err(|e| RunError::Internal(e.to_string()))?;
     if joined.is_err() {
-        return Err(RunError::Internal("the tap pipeline thread panicked".into()));
+        return Err(RunError::Internal(
+            "the tap pipeline thread panicked".into(),
+        ));
     }
     mqtt_stop.cancel();
     if !mqtt_task.is_finished() {

@@ -140,7 +140,11 @@ impl Shared {
     pub fn reader_states(&self) -> Vec<(String, ReaderStatus)> {
         self.readers
             .lock()
-            .map(|r| r.iter().map(|s| (s.name.clone(), s.status.clone())).collect())
+            .map(|r| {
+                r.iter()
+                    .map(|s| (s.name.clone(), s.status.clone()))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }

@@ -129,7 +129,10 @@ impl Store {
                 })
             }
         };
-        let tree = |name: &str| db.open_tree(name).map_err(|e| StoreError::from_sled(dir, e));
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .map_err(|e| StoreError::from_sled(dir, e))
+        };
         let meta = tree("meta")?;
         let journal = tree("journal")?;
         let store = Store {

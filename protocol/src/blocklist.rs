@@ -127,18 +127,36 @@ mod tests {
     #[test]
     fn refuses_bad_updates_with_a_reason() {
         let base = |s: &str| {
-            format!(r#"{{"schema":"id06d/blocklist-update/v1","from_version":1,"to_version":2,{s}}}"#)
+            format!(
+                r#"{{"schema":"id06d/blocklist-update/v1","from_version":1,"to_version":2,{s}}}"#
+            )
         };
         let bad_uid = base(r#""set":[{"card_uid":"XYZ","status":"blocked"}]"#);
-        assert!(matches!(BlocklistUpdate::decode(bad_uid.as_bytes()), Err(UpdateError::Malformed(_))));
+        assert!(matches!(
+            BlocklistUpdate::decode(bad_uid.as_bytes()),
+            Err(UpdateError::Malformed(_))
+        ));
         let bad_status = base(r#""set":[{"card_uid":"04A1B2C3","status":"lost"}]"#);
-        assert!(matches!(BlocklistUpdate::decode(bad_status.as_bytes()), Err(UpdateError::Malformed(_))));
-        let twice = base(r#""set":[{"card_uid":"04A1B2C3","status":"blocked"}],"clear":["04a1b2c3"]"#);
-        assert!(matches!(BlocklistUpdate::decode(twice.as_bytes()), Err(UpdateError::DuplicateCard(_))));
+        assert!(matches!(
+            BlocklistUpdate::decode(bad_status.as_bytes()),
+            Err(UpdateError::Malformed(_))
+        ));
+        let twice =
+            base(r#""set":[{"card_uid":"04A1B2C3","status":"blocked"}],"clear":["04a1b2c3"]"#);
+        assert!(matches!(
+            BlocklistUpdate::decode(twice.as_bytes()),
+            Err(UpdateError::DuplicateCard(_))
+        ));
         let backwards = r#"{"schema":"id06d/blocklist-update/v1","from_version":5,"to_version":5}"#;
-        assert!(matches!(BlocklistUpdate::decode(backwards.as_bytes()), Err(UpdateError::NotForward { .. })));
+        assert!(matches!(
+            BlocklistUpdate::decode(backwards.as_bytes()),
+            Err(UpdateError::NotForward { .. })
+        ));
         let huge = vec![b' '; MAX_UPDATE_BYTES + 1];
-        assert!(matches!(BlocklistUpdate::decode(&huge), Err(UpdateError::TooLarge(_))));
+        assert!(matches!(
+            BlocklistUpdate::decode(&huge),
+            Err(UpdateError::TooLarge(_))
+        ));
         assert!(BlocklistUpdate::decode(b"\xff\x00").is_err());
     }
 }

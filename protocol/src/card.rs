@@ -78,7 +78,9 @@ impl fmt::Display for CardStatus {
 
 /// A status word that is not one of ID06's.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown card status {0:?}; expected one of active, produced, blocked, terminated, suspended")]
+#[error(
+    "unknown card status {0:?}; expected one of active, produced, blocked, terminated, suspended"
+)]
 pub struct UnknownStatus(pub String);
 
 impl FromStr for CardStatus {
@@ -197,7 +199,10 @@ mod tests {
 
     #[test]
     fn status_parse_is_case_insensitive_and_rejects_unknown_words() {
-        assert_eq!(" Blocked ".parse::<CardStatus>().unwrap(), CardStatus::Blocked);
+        assert_eq!(
+            " Blocked ".parse::<CardStatus>().unwrap(),
+            CardStatus::Blocked
+        );
         assert!("spärrad".parse::<CardStatus>().is_err());
     }
 

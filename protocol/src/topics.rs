@@ -69,7 +69,10 @@ mod tests {
         assert_eq!(t.event(), "id06/v1/SE-0001/gate-north-1/event");
         assert_eq!(t.decision(), "id06/v1/SE-0001/gate-north-1/decision");
         assert_eq!(t.status(), "id06/v1/SE-0001/gate-north-1/status");
-        assert_eq!(t.reader("entry"), "id06/v1/SE-0001/gate-north-1/reader/entry");
+        assert_eq!(
+            t.reader("entry"),
+            "id06/v1/SE-0001/gate-north-1/reader/entry"
+        );
         assert_eq!(t.blocklist_update(), "id06/v1/blocklist/update");
         assert_eq!(t.blocklist_snapshot(), "id06/v1/blocklist/snapshot");
     }

@@ -124,7 +124,11 @@ impl ReaderSink {
     }
 
     /// Shorthand for a health change.
-    pub async fn health(&self, state: ReaderState, error: Option<String>) -> Result<(), SinkClosed> {
+    pub async fn health(
+        &self,
+        state: ReaderState,
+        error: Option<String>,
+    ) -> Result<(), SinkClosed> {
         self.send(Report::Health { state, error }).await
     }
 }

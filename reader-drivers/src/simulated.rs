@@ -211,7 +211,8 @@ pub async fn run(
                     faulted = false;
                     sink.health(ReaderState::Ok, None).await?;
                 }
-                sink.send_at(now.into_std(), Report::Observed(observation)).await?;
+                sink.send_at(now.into_std(), Report::Observed(observation))
+                    .await?;
             }
         }
     }
@@ -273,12 +274,20 @@ at 9000  end                      # the reader is done (the demo then finishes)
 
     #[tokio::test(start_paused = true)]
     async fn run_plays_the_timeline_and_finishes() {
-        let script = Script::parse("at 0 present 04A1B2C3\nat 250 fault\nat 450 recover\nat 600 end").unwrap();
+        let script =
+            Script::parse("at 0 present 04A1B2C3\nat 250 fault\nat 450 recover\nat 600 end")
+                .unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
         let sink = ReaderSink::new(3, tx);
-        run("t", script, Duration::from_millis(100), sink, CancellationToken::new())
-            .await
-            .unwrap();
+        run(
+            "t",
+            script,
+            Duration::from_millis(100),
+            sink,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
         let mut reports = Vec::new();
         while let Ok(m) = rx.try_recv() {
             assert_eq!(m.reader, 3);
@@ -290,11 +299,21 @@ at 9000  end                      # the reader is done (the demo then finishes)
             state: ReaderState::Recovering,
             error: Some("the reader stopped answering (simulated fault)".into())
         }));
-        assert!(reports.iter().any(|r| matches!(r, Report::Observed(Observation::Fault(_)))));
+        assert!(reports
+            .iter()
+            .any(|r| matches!(r, Report::Observed(Observation::Fault(_)))));
         assert_eq!(reports.last(), Some(&Report::Finished));
         let oks = reports
             .iter()
-            .filter(|r| matches!(r, Report::Health { state: ReaderState::Ok, .. }))
+            .filter(|r| {
+                matches!(
+                    r,
+                    Report::Health {
+                        state: ReaderState::Ok,
+                        ..
+                    }
+                )
+            })
             .count();
         assert_eq!(oks, 2, "ok at start and after recover: {reports:?}");
     }

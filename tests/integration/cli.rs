@@ -57,11 +57,30 @@ fn blocklist_import_lookup_and_stats() {
     let dir = scratch();
     let cfg = write(dir.path(), BASE);
     let csv = dir.path().join("list.csv");
-    std::fs::write(&csv, "04A1B2C3D4E5F6,blocked\n04:a1:b2:c3,suspended\nDEADBEEF,active\n").unwrap();
-    let (code, out, err) = id06d(&["blocklist", "import", csv.to_str().unwrap(), "--config", &cfg]);
+    std::fs::write(
+        &csv,
+        "04A1B2C3D4E5F6,blocked\n04:a1:b2:c3,suspended\nDEADBEEF,active\n",
+    )
+    .unwrap();
+    let (code, out, err) = id06d(&[
+        "blocklist",
+        "import",
+        csv.to_str().unwrap(),
+        "--config",
+        &cfg,
+    ]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("imported 2 listed cards") && out.contains("version 1"), "{out}");
-    let (code, out, _) = id06d(&["blocklist", "lookup", "04 a1 b2 c3 d4 e5 f6", "--config", &cfg]);
+    assert!(
+        out.contains("imported 2 listed cards") && out.contains("version 1"),
+        "{out}"
+    );
+    let (code, out, _) = id06d(&[
+        "blocklist",
+        "lookup",
+        "04 a1 b2 c3 d4 e5 f6",
+        "--config",
+        &cfg,
+    ]);
     assert_eq!(code, 0);
     assert!(out.contains("card 04A1B2C3D4E5F6: blocked"), "{out}");
     assert!(out.contains("version 1"), "{out}");
@@ -71,15 +90,30 @@ fn blocklist_import_lookup_and_stats() {
     assert_eq!(code, 2);
     assert!(err.contains("\"xyz\""), "{err}");
     let (_, out, _) = id06d(&["blocklist", "stats", "--config", &cfg]);
-    assert!(out.contains("2 listed cards") && out.contains("blocked     1"), "{out}");
+    assert!(
+        out.contains("2 listed cards") && out.contains("blocked     1"),
+        "{out}"
+    );
 
     // A bad file imports nothing and names every bad line.
     std::fs::write(&csv, "04A1B2C3D4E5F6,terminated\nbad line\n04A1B2C3,lost\n").unwrap();
-    let (code, _, err) = id06d(&["blocklist", "import", csv.to_str().unwrap(), "--config", &cfg]);
+    let (code, _, err) = id06d(&[
+        "blocklist",
+        "import",
+        csv.to_str().unwrap(),
+        "--config",
+        &cfg,
+    ]);
     assert_eq!(code, 2);
-    assert!(err.contains("list.csv:2:") && err.contains("list.csv:3:"), "{err}");
+    assert!(
+        err.contains("list.csv:2:") && err.contains("list.csv:3:"),
+        "{err}"
+    );
     let (_, out, _) = id06d(&["blocklist", "lookup", "04A1B2C3D4E5F6", "--config", &cfg]);
-    assert!(out.contains("blocked") && out.contains("version 1"), "the old list stays: {out}");
+    assert!(
+        out.contains("blocked") && out.contains("version 1"),
+        "the old list stays: {out}"
+    );
 }
 
 #[test]
@@ -100,7 +134,10 @@ fn commands_say_plainly_when_the_daemon_holds_the_data_directory() {
     let (code, _, err) = id06d(&["outbox", "stats", "--config", config.path.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(err.contains("in use by another id06d process"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(10), "it does not hang");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "it does not hang"
+    );
     assert_eq!(daemon.terminate(), Some(0));
     let (code, out, err) = id06d(&["outbox", "stats", "--config", config.path.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");

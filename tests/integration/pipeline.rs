@@ -104,11 +104,29 @@ fn a_scripted_rush_produces_exactly_the_expected_events_in_order() {
         ("exit", "out", C3, "suspended", "denied", Some("suspended")),
         ("entry", "in", C2, "blocked", "denied", Some("blocked")),
         ("turnstile", "out", C4, "unlisted", "granted", None),
-        ("exit", "out", C5, "produced", "denied", Some("not_activated")),
-        ("exit", "out", C6, "terminated", "denied", Some("terminated")),
+        (
+            "exit",
+            "out",
+            C5,
+            "produced",
+            "denied",
+            Some("not_activated"),
+        ),
+        (
+            "exit",
+            "out",
+            C6,
+            "terminated",
+            "denied",
+            Some("terminated"),
+        ),
         ("turnstile", "in", C4, "unlisted", "granted", None),
     ];
-    assert_eq!(events.len(), 8, "exactly one event per tap, no duplicate: {events:#?}");
+    assert_eq!(
+        events.len(),
+        8,
+        "exactly one event per tap, no duplicate: {events:#?}"
+    );
     let synced = id06d::clock::clock_synced();
     let mut last_time = UtcMillis(0);
     for (i, (e, (reader, dir_, uid, status, decision, reason))) in
@@ -122,7 +140,11 @@ fn a_scripted_rush_produces_exactly_the_expected_events_in_order() {
         assert_eq!(e.site_id, "SE-TEST");
         assert_eq!(e.terminal_id, "gate-test");
         assert_eq!(
-            (v["reader"].as_str().unwrap(), v["direction"].as_str().unwrap(), v["card_uid"].as_str().unwrap()),
+            (
+                v["reader"].as_str().unwrap(),
+                v["direction"].as_str().unwrap(),
+                v["card_uid"].as_str().unwrap()
+            ),
             (reader, dir_, uid),
             "event {seq}"
         );
@@ -158,11 +180,22 @@ fn a_scripted_rush_produces_exactly_the_expected_events_in_order() {
         assert_eq!(r["recoveries"], 0);
     }
     // A subscriber arriving later gets the retained states.
-    let late = Subscriber::start(broker.port, "late-1", &[&format!("{p}/status"), &format!("{p}/reader/+")]);
-    wait_for("retained status and readers", Duration::from_secs(5), || {
-        late.on(&format!("{p}/status")).iter().any(|r| r.retain)
-            && late.on(&format!("{p}/reader/exit")).iter().any(|r| r.retain)
-    });
+    let late = Subscriber::start(
+        broker.port,
+        "late-1",
+        &[&format!("{p}/status"), &format!("{p}/reader/+")],
+    );
+    wait_for(
+        "retained status and readers",
+        Duration::from_secs(5),
+        || {
+            late.on(&format!("{p}/status")).iter().any(|r| r.retain)
+                && late
+                    .on(&format!("{p}/reader/exit"))
+                    .iter()
+                    .any(|r| r.retain)
+        },
+    );
 
     // kill -9: the broker publishes the last will.
     daemon.kill9();
@@ -175,7 +208,9 @@ fn a_scripted_rush_produces_exactly_the_expected_events_in_order() {
     // after the restart (the timeline replays) is "out".
     let mut daemon = Daemon::start(&config);
     wait_for("taps after the restart", Duration::from_secs(20), || {
-        sub.events(&format!("{p}/event")).iter().any(|e| e.seq > 8 && e.reader == "turnstile")
+        sub.events(&format!("{p}/event"))
+            .iter()
+            .any(|e| e.seq > 8 && e.reader == "turnstile")
     });
     let after: Vec<Event> = sub
         .events(&format!("{p}/event"))
@@ -225,13 +260,25 @@ fn burst_config(dir: &std::path::Path, url: &str, cards: u32, step_ms: u32) -> T
     for i in 0..cards {
         script.push_str(&format!("at {} present {}\n", i * step_ms, card(1000 + i)));
     }
-    script.push_str(&format!("at {} absent\nat {} end\n", cards * step_ms, cards * step_ms + 200));
+    script.push_str(&format!(
+        "at {} absent\nat {} end\n",
+        cards * step_ms,
+        cards * step_ms + 200
+    ));
     write_script(dir, "burst.txt", &script);
     let mut script2 = String::new();
     for i in 0..cards {
-        script2.push_str(&format!("at {} present {}\n", i * step_ms + step_ms / 2, card(5000 + i)));
+        script2.push_str(&format!(
+            "at {} present {}\n",
+            i * step_ms + step_ms / 2,
+            card(5000 + i)
+        ));
     }
-    script2.push_str(&format!("at {} absent\nat {} end\n", cards * step_ms + step_ms, cards * step_ms + 300));
+    script2.push_str(&format!(
+        "at {} absent\nat {} end\n",
+        cards * step_ms + step_ms,
+        cards * step_ms + 300
+    ));
     write_script(dir, "burst2.txt", &script2);
     TestConfig::write(
         dir,
@@ -272,7 +319,11 @@ fn kill_9_in_a_burst_loses_nothing_and_never_reuses_a_seq() {
     let broker = broker(dir.path());
     let config = burst_config(dir.path(), &broker.url(), 80, 40);
     let p = config.base();
-    let sub = Subscriber::start(broker.port, "ledger-kill", &[&format!("{p}/event"), &format!("{p}/decision")]);
+    let sub = Subscriber::start(
+        broker.port,
+        "ledger-kill",
+        &[&format!("{p}/event"), &format!("{p}/decision")],
+    );
     let mut daemon = Daemon::start(&config);
     wait_for("the burst to be under way", Duration::from_secs(20), || {
         sub.on(&format!("{p}/decision")).len() >= 40
@@ -303,9 +354,18 @@ fn kill_9_in_a_burst_loses_nothing_and_never_reuses_a_seq() {
             >= last_seq
     });
     let (first, redeliveries) = check_delivery(&sub.events(&format!("{p}/event")));
-    assert_eq!(first.len() as u64, last_seq, "seq 1..={last_seq} without a gap");
+    assert_eq!(
+        first.len() as u64,
+        last_seq,
+        "seq 1..={last_seq} without a gap"
+    );
     for d in &decided {
-        assert_eq!(first.get(&d.seq), Some(d), "decided event {} delivered unchanged", d.seq);
+        assert_eq!(
+            first.get(&d.seq),
+            Some(d),
+            "decided event {} delivered unchanged",
+            d.seq
+        );
     }
     // The second run's events continue the sequence: no seq of the first run reused.
     let second_run: Vec<&Event> = first.values().filter(|e| e.seq > max_decided).collect();
@@ -331,9 +391,11 @@ fn a_broker_outage_in_a_burst_delivers_everything_in_order() {
     });
     broker.stop();
     // Taps go on while the broker is away; wait until the daemon has noticed.
-    wait_for("the daemon to notice the outage", Duration::from_secs(20), || {
-        daemon.log_text().contains("MQTT broker unreachable")
-    });
+    wait_for(
+        "the daemon to notice the outage",
+        Duration::from_secs(20),
+        || daemon.log_text().contains("MQTT broker unreachable"),
+    );
     // The outage lasts while 20 more taps are recorded.
     let taps_at_outage = daemon.log_text().matches("tap seq=").count();
     wait_for("20 taps during the outage", Duration::from_secs(20), || {
@@ -369,9 +431,15 @@ fn a_broker_outage_in_a_burst_delivers_everything_in_order() {
             let mut seen = BTreeSet::new();
             seqs.iter().copied().filter(|s| seen.insert(*s)).collect()
         };
-        assert!(firsts.windows(2).all(|w| w[0] < w[1]), "connection {conn}: {seqs:?}");
+        assert!(
+            firsts.windows(2).all(|w| w[0] < w[1]),
+            "connection {conn}: {seqs:?}"
+        );
     }
-    eprintln!("outage test: 200 events, {redeliveries} redelivered, {} subscriber connections", by_conn.len());
+    eprintln!(
+        "outage test: 200 events, {redeliveries} redelivered, {} subscriber connections",
+        by_conn.len()
+    );
 }
 
 #[test]
@@ -384,13 +452,18 @@ fn the_daemon_waits_for_an_unreachable_broker_and_then_delivers() {
     let sub = Subscriber::start(broker.port, "ledger-late", &[&format!("{p}/event")]);
     broker.stop();
     let mut daemon = Daemon::start(&config);
-    wait_for("the daemon to say the broker is unreachable", Duration::from_secs(20), || {
-        daemon.log_text().contains("MQTT broker unreachable")
-    });
+    wait_for(
+        "the daemon to say the broker is unreachable",
+        Duration::from_secs(20),
+        || daemon.log_text().contains("MQTT broker unreachable"),
+    );
     wait_for("the readers to finish", Duration::from_secs(20), || {
         daemon.log_text().matches("reader finished").count() >= 2
     });
-    assert!(daemon.is_running(), "an unreachable broker is not a reason to exit");
+    assert!(
+        daemon.is_running(),
+        "an unreachable broker is not a reason to exit"
+    );
     broker.restart().expect("broker starts");
     wait_for("the 20 waiting events", Duration::from_secs(30), || {
         sub.on(&format!("{p}/event")).len() >= 20

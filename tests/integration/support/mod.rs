@@ -4,8 +4,8 @@
 
 #![allow(dead_code)]
 
-use rumqttc::{Client, Event as MqttEvent, MqttOptions, Packet, QoS};
 pub use id06d::broker::LocalBroker;
+use rumqttc::{Client, Event as MqttEvent, MqttOptions, Packet, QoS};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
