@@ -36,7 +36,7 @@ install_packages() {
     if [[ -x "$HOME/.cargo/bin/cargo" ]]; then
       export PATH="$HOME/.cargo/bin:$PATH"
     else
-      echo "run.sh: no Rust toolchain found: install Rust (rustup, stable >= 1.80) and try again" >&2
+      echo "run.sh: no Rust toolchain found: install Rust (rustup, stable >= 1.85) and try again" >&2
       exit 1
     fi
   fi

@@ -16,6 +16,7 @@ use crate::store::Store;
 use id06_protocol::{CardStatus, CardUid, DenyReason, Event, ReaderStatus, Topics, UtcMillis};
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -144,15 +145,17 @@ pub async fn run_demo() -> Result<(), String> {
     );
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let ledger_stop = CancellationToken::new();
+    let ready = Arc::new(AtomicBool::new(false));
     let ledger_task = tokio::spawn(ledger_subscriber(
         broker.port,
         topics.clone(),
         ledger.clone(),
+        ready.clone(),
         ledger_stop.clone(),
     ));
     // Wait until the ledger is subscribed, so it sees everything from the first tap.
     let ready_deadline = Instant::now() + Duration::from_secs(10);
-    while !LEDGER_READY.load(std::sync::atomic::Ordering::Acquire) {
+    while !ready.load(Ordering::Acquire) {
         if Instant::now() > ready_deadline {
             return Err("the ledger subscriber could not subscribe to the broker".into());
         }
@@ -304,13 +307,12 @@ pub async fn run_demo() -> Result<(), String> {
     Ok(())
 }
 
-static LEDGER_READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
 /// The ledger vendor's side: a persistent subscriber that prints what arrives.
 async fn ledger_subscriber(
     port: u16,
     topics: Topics,
     ledger: Arc<Mutex<Ledger>>,
+    ready: Arc<AtomicBool>,
     stop: CancellationToken,
 ) {
     let mut o = MqttOptions::new("demo-ledger", "127.0.0.1", port);
@@ -330,16 +332,17 @@ async fn ledger_subscriber(
                 let _ = client.try_subscribe(reader_topic.clone(), QoS::AtLeastOnce);
             }
             Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
-                LEDGER_READY.store(true, std::sync::atomic::Ordering::Release);
+                ready.store(true, Ordering::Release);
             }
             Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                 if p.topic == topics.event() {
                     let Ok(mut l) = ledger.lock() else { return };
                     match Event::from_json(&p.payload) {
                         Ok(e) => {
-                            if l.events.contains_key(&e.seq) {
-                                l.redeliveries += 1;
-                            } else {
+                            let seq = e.seq;
+                            if let std::collections::btree_map::Entry::Vacant(slot) =
+                                l.events.entry(seq)
+                            {
                                 say(&format!(
                                     "ledger   ← {:<14} {:<3} {:<5} {}  {}",
                                     e.event_id,
@@ -351,7 +354,9 @@ async fn ledger_subscriber(
                                         Some(r) => format!("DENIED ({r})"),
                                     }
                                 ));
-                                l.events.insert(e.seq, e);
+                                slot.insert(e);
+                            } else {
+                                l.redeliveries += 1;
                             }
                         }
                         Err(_) => l.malformed += 1,
