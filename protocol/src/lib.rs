@@ -25,7 +25,10 @@ mod status;
 mod topics;
 mod uid;
 
-pub use blocklist::{BlocklistUpdate, SetEntry, UpdateError};
+pub use blocklist::{
+    BlocklistUpdate, SetEntry, SnapshotChunk, SnapshotManifest, UpdateError, CARDS_PER_CHUNK,
+    SNAPSHOT_SCHEMA, UPDATE_SCHEMA,
+};
 pub use card::{CardStatus, Decision, DenyReason, Direction, UnknownStatus};
 pub use event::{Event, EventSchemaV1, UtcMillis, EVENT_SCHEMA};
 pub use status::{GatewayStatus, Hint, ReaderState, ReaderStatus};
