@@ -12,6 +12,7 @@
 //!         ─▶ wake      ──▶ MQTT task ──▶ P/event in seq order, outbox entry removed on PUBACK
 //! ```
 pub mod blocklist;
+pub mod blocklist_sync;
 pub mod broker;
 pub mod clock;
 pub mod config;
@@ -22,6 +23,7 @@ pub mod index;
 pub mod mqtt;
 pub mod outbox;
 pub mod pipeline;
+pub mod publish;
 pub mod readers;
 pub mod run;
 pub mod shared;

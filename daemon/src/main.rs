@@ -84,6 +84,46 @@ enum BlocklistCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Make a signing key pair: the secret goes to a file, the public key is printed
+    /// (for `[blocklist] public_key`).
+    Keygen {
+        /// Where to write the secret key (created with mode 0600; never overwritten).
+        #[arg(long)]
+        secret_out: PathBuf,
+    },
+    /// Sign an update (JSON file); prints the signed update.
+    Sign {
+        /// The update, `id06d/blocklist-update/v1` JSON.
+        file: PathBuf,
+        /// The secret key file from `keygen`.
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Publish an update (JSON file) to `{prefix}/blocklist/update`.
+    PublishUpdate {
+        /// The update, `id06d/blocklist-update/v1` JSON.
+        file: PathBuf,
+        /// Sign it with this secret key first.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// The configuration file naming the broker and topic prefix.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Publish a full list (CSV of uid,status) as the retained snapshot.
+    PublishSnapshot {
+        /// The CSV file.
+        file: PathBuf,
+        /// The snapshot's version.
+        #[arg(long)]
+        version: u64,
+        /// Sign the manifest with this secret key.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// The configuration file naming the broker and topic prefix.
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -421,6 +461,110 @@ fn blocklist(command: BlocklistCommand) -> Result<(), Failure> {
             );
             Ok(())
         }
+        BlocklistCommand::Keygen { secret_out } => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let key = id06d::signing::generate_key().map_err(runtime)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&secret_out)
+                .map_err(|e| {
+                    usage(format!(
+                        "cannot create {} (it must not exist yet): {e}",
+                        secret_out.display()
+                    ))
+                })?;
+            writeln!(f, "{}", id06d::signing::secret_key_text(&key))
+                .map_err(|e| runtime(format!("cannot write {}: {e}", secret_out.display())))?;
+            println!(
+                "secret key written to {} (keep it on the backend only)",
+                secret_out.display()
+            );
+            println!("public_key = \"{}\"", id06d::signing::public_key_text(&key));
+            Ok(())
+        }
+        BlocklistCommand::Sign { file, key } => {
+            let mut update = read_update(&file)?;
+            let key = load_key(&key)?;
+            update.signature = Some(id06d::signing::sign(&key, &update.canonical_bytes()));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&update).unwrap_or_default()
+            );
+            Ok(())
+        }
+        BlocklistCommand::PublishUpdate { file, key, config } => {
+            let config = load_config(&config)?;
+            let mut update = read_update(&file)?;
+            if let Some(k) = key {
+                update.signature = Some(id06d::signing::sign(
+                    &load_key(&k)?,
+                    &update.canonical_bytes(),
+                ));
+            }
+            let topics = id06_protocol::Topics::new(
+                &config.mqtt.topic_prefix,
+                &config.site_id,
+                &config.terminal_id,
+            );
+            let payload = serde_json::to_vec(&update).unwrap_or_default();
+            let label = format!("update {}→{}", update.from_version, update.to_version);
+            publish(
+                &config,
+                vec![id06d::publish::Message {
+                    topic: topics.blocklist_update(),
+                    payload,
+                    retain: false,
+                }],
+                &label,
+            )
+        }
+        BlocklistCommand::PublishSnapshot {
+            file,
+            version,
+            key,
+            config,
+        } => {
+            let config = load_config(&config)?;
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| usage(format!("cannot read {}: {e}", file.display())))?;
+            let entries = parse_csv(&text).map_err(|problems| {
+                let first = &problems[0];
+                usage(format!(
+                    "{}:{}: {} ({} bad line(s); nothing published)",
+                    file.display(),
+                    first.line,
+                    first.message,
+                    problems.len()
+                ))
+            })?;
+            let topics = id06_protocol::Topics::new(
+                &config.mqtt.topic_prefix,
+                &config.site_id,
+                &config.terminal_id,
+            );
+            let (mut manifest, mut messages) =
+                id06d::publish::snapshot_messages(&topics.blocklist_snapshot(), version, &entries);
+            if let Some(k) = key {
+                manifest.signature = Some(id06d::signing::sign(
+                    &load_key(&k)?,
+                    &manifest.canonical_bytes(),
+                ));
+            }
+            messages.push(id06d::publish::Message {
+                topic: topics.blocklist_snapshot(),
+                payload: serde_json::to_vec(&manifest).unwrap_or_default(),
+                retain: true,
+            });
+            let label = format!(
+                "snapshot version {version}: {} cards in {} chunk(s)",
+                entries.len(),
+                manifest.chunks
+            );
+            publish(&config, messages, &label)
+        }
         BlocklistCommand::Stats { config } => {
             let config = load_config(&config)?;
             let store = open_store(&config)?;
@@ -454,6 +598,59 @@ fn blocklist(command: BlocklistCommand) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+fn read_password(config: &Config) -> Result<Option<String>, Failure> {
+    match &config.mqtt.password_file {
+        Some(p) => std::fs::read_to_string(p)
+            .map(|t| Some(t.trim_end_matches(['\r', '\n']).to_string()))
+            .map_err(|e| {
+                usage(format!(
+                    "cannot read [mqtt] password_file {}: {e}",
+                    p.display()
+                ))
+            }),
+        None => Ok(None),
+    }
+}
+
+fn read_update(file: &Path) -> Result<id06_protocol::BlocklistUpdate, Failure> {
+    let bytes =
+        std::fs::read(file).map_err(|e| usage(format!("cannot read {}: {e}", file.display())))?;
+    id06_protocol::BlocklistUpdate::decode(&bytes)
+        .map_err(|e| usage(format!("{}: {e}", file.display())))
+}
+
+fn load_key(path: &Path) -> Result<ed25519_dalek::SigningKey, Failure> {
+    id06d::signing::load_secret_key(path).map_err(usage)
+}
+
+fn publish(
+    config: &Config,
+    messages: Vec<id06d::publish::Message>,
+    label: &str,
+) -> Result<(), Failure> {
+    let password = read_password(config)?;
+    let rt = tokio_runtime()?;
+    let total = messages.len();
+    let mut last = std::time::Instant::now();
+    rt.block_on(id06d::publish::publish_all(
+        &config.mqtt,
+        password,
+        messages,
+        |done, all| {
+            if all > 5 && (last.elapsed().as_millis() >= 1000 || done == all) {
+                last = std::time::Instant::now();
+                eprintln!("published {done} of {all} messages");
+            }
+        },
+    ))
+    .map_err(runtime)?;
+    println!(
+        "published {label} ({total} message(s)) to {}",
+        config.mqtt.url
+    );
+    Ok(())
 }
 
 fn age_text(age: Option<u64>) -> String {

@@ -63,6 +63,8 @@ pub struct MqttTask {
     pub shutdown: CancellationToken,
     /// How long to keep delivering after shutdown.
     pub drain_timeout: Duration,
+    /// Where blocklist updates and snapshots go.
+    pub blocklist_inbox: mpsc::Sender<crate::blocklist_sync::Incoming>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +124,7 @@ impl MqttTask {
             outbox_depth: self.outbox.depth(),
             clock_synced: clock_synced(),
             blocklist_stale: index.is_stale(now, self.max_age_hours),
-            blocklist_gap: None,
+            blocklist_gap: self.shared.blocklist_gap.lock().ok().and_then(|g| *g),
             storage_error: self
                 .shared
                 .storage_error
@@ -221,7 +223,11 @@ impl MqttTask {
                                 Ok(None) => self.outbox.last_seq() + 1,
                                 Err(e) => return (End::Lost(format!("cannot read the outbox: {e}")), true),
                             };
+                            self.shared.status_dirty.store(false, std::sync::atomic::Ordering::Release);
                             self.publish_other(client, &mut window, self.topics.status(), self.status_payload(), true);
+                            for topic in [self.topics.blocklist_update(), self.topics.blocklist_snapshot(), format!("{}/+", self.topics.blocklist_snapshot())] {
+                                let _ = client.try_subscribe(topic, QoS::AtLeastOnce);
+                            }
                             for (name, status) in self.shared.take_reader_updates(true) {
                                 let payload = serde_json::to_vec(&status).unwrap_or_default();
                                 self.publish_other(client, &mut window, self.topics.reader(&name), payload, true);
@@ -235,6 +241,7 @@ impl MqttTask {
                                 None => tracing::debug!(pkid, "a publish went out that we did not tag"),
                             }
                         }
+                        Ok(MqttEvent::Incoming(Packet::Publish(p))) => self.route(&p.topic, p.payload.to_vec()),
                         Ok(MqttEvent::Incoming(Packet::PubAck(ack))) => {
                             if let Some(seq) = window.by_pkid.remove(&ack.pkid) {
                                 window.in_flight = window.in_flight.saturating_sub(1);
@@ -265,6 +272,9 @@ impl MqttTask {
                     }
                 }
                 _ = self.shared.wake.notified() => {
+                    if connected && self.shared.status_dirty.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                        self.publish_other(client, &mut window, self.topics.status(), self.status_payload(), true);
+                    }
                     if connected {
                         for (name, status) in self.shared.take_reader_updates(false) {
                             let payload = serde_json::to_vec(&status).unwrap_or_default();
@@ -282,6 +292,32 @@ impl MqttTask {
                 _ = self.shutdown.cancelled(), if drain_deadline.is_none() => {}
                 _ = tokio::time::sleep_until(deadline_sleep), if drain_deadline.is_some() => {}
             }
+        }
+    }
+
+    /// Hands a blocklist payload to the blocklist task; never waits.
+    fn route(&self, topic: &str, payload: Vec<u8>) {
+        use crate::blocklist_sync::Incoming;
+        let snapshot = self.topics.blocklist_snapshot();
+        let input = if topic == self.topics.blocklist_update() {
+            Incoming::Update(payload)
+        } else if topic == snapshot {
+            Incoming::Manifest(payload)
+        } else if topic
+            .strip_prefix(&snapshot)
+            .is_some_and(|rest| rest.starts_with('/'))
+        {
+            if payload.is_empty() {
+                return; // a cleared retained chunk
+            }
+            Incoming::Chunk(payload)
+        } else {
+            tracing::debug!(topic, "message on a topic we did not subscribe to; ignored");
+            return;
+        };
+        if self.blocklist_inbox.try_send(input).is_err() {
+            Counters::bump(&self.shared.counters.blocklist_rejected);
+            tracing::warn!(topic, "the blocklist task is busy; a blocklist message was dropped (a later snapshot or update will catch up)");
         }
     }
 

@@ -116,6 +116,19 @@ pub async fn run(
         &config.terminal_id,
     );
 
+    // Blocklist updates from MQTT.
+    let public_key = match &config.blocklist.public_key {
+        Some(k) => Some(crate::signing::parse_public_key(k).map_err(RunError::Setup)?),
+        None => None,
+    };
+    let (blocklist_tx, blocklist_rx) = mpsc::channel(1024);
+    let sync = crate::blocklist_sync::BlocklistSync {
+        blocklist: blocklist.clone(),
+        public_key,
+        shared: shared.clone(),
+    };
+    let sync_task = tokio::spawn(sync.run(blocklist_rx));
+
     // MQTT.
     let (decisions_tx, decisions_rx) = mpsc::channel(256);
     let mqtt_stop = CancellationToken::new();
@@ -131,6 +144,7 @@ pub async fn run(
         started_at,
         shutdown: mqtt_stop.clone(),
         drain_timeout: options.drain_timeout,
+        blocklist_inbox: blocklist_tx,
     };
     let mut mqtt_task = tokio::spawn(mqtt.run());
 
@@ -215,6 +229,7 @@ pub async fn run(
     if !mqtt_task.is_finished() {
         let _ = mqtt_task.await;
     }
+    sync_task.abort();
     store.flush()?;
     tracing::info!(
         last_seq = outbox.last_seq(),

@@ -29,6 +29,10 @@ pub struct Counters {
     pub readers_finished: AtomicU64,
     /// Failed attempts to store events.
     pub storage_failures: AtomicU64,
+    /// Blocklist updates and snapshots applied.
+    pub blocklist_applied: AtomicU64,
+    /// Blocklist updates and snapshots rejected (gap, replay, signature, malformed).
+    pub blocklist_rejected: AtomicU64,
 }
 
 impl Counters {
@@ -74,6 +78,10 @@ pub struct Shared {
     pub wake: Notify,
     /// The last storage failure, while it lasts.
     pub storage_error: Mutex<Option<String>>,
+    /// A blocklist gap `[version in force, from_version of the update that did not fit]`.
+    pub blocklist_gap: Mutex<Option<[u64; 2]>>,
+    /// The retained status should be published again soon.
+    pub status_dirty: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -98,7 +106,15 @@ impl Shared {
             readers: Mutex::new(readers),
             wake: Notify::new(),
             storage_error: Mutex::new(None),
+            blocklist_gap: Mutex::new(None),
+            status_dirty: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Asks the MQTT task to publish the retained status again.
+    pub fn status_changed(&self) {
+        self.status_dirty.store(true, Ordering::Release);
+        self.wake.notify_one();
     }
 
     /// Changes reader `index`'s state with `f`; marks it for publishing if it changed.

@@ -1,6 +1,7 @@
 //! Integration tests against real peers: a real mosquitto per test, the real `id06d`
 //! binary, real sled databases in temporary directories. One binary, a module per area.
 
+mod blocklist;
 mod cli;
 mod pipeline;
 mod support;

@@ -273,3 +273,21 @@ pub fn write_script(dir: &Path, name: &str, text: &str) -> PathBuf {
 pub fn card(n: u32) -> String {
     format!("04{:012X}", n)
 }
+
+/// Publishes one raw message (QoS 1) and waits for the broker's acknowledgement.
+pub fn publish_raw(port: u16, topic: &str, payload: Vec<u8>, retain: bool) {
+    let mut o = MqttOptions::new(format!("raw-{}", std::process::id()), "127.0.0.1", port);
+    o.set_max_packet_size(64 << 20, 64 << 20);
+    let (client, mut connection) = Client::new(o, 10);
+    client
+        .publish(topic, QoS::AtLeastOnce, retain, payload)
+        .expect("queue the publish");
+    for event in connection.iter() {
+        match event {
+            Ok(MqttEvent::Incoming(Packet::PubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("publishing to {topic} failed: {e}"),
+        }
+    }
+    let _ = client.disconnect();
+}
