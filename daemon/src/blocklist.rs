@@ -2,28 +2,39 @@
 //! that is rebuilt from sled at start and swapped whole on every change, so a lookup sees
 //! the old list or the new one and never waits for a writer.
 //!
-//! Storage: `blocklist_meta` holds the current generation, version and confirmation time;
-//! entries live in the tree `blocklist.<generation>` (card UID bytes → status code). A full
-//! import writes a new generation and then flips the pointer in one batch, so a crash
-//! mid-import leaves the old list in force; leftover generations are dropped at open.
+//! Storage: `blocklist_meta` holds the current generation, version and confirmation time.
+//! A generation's tree `blocklist.<generation>` holds the list as it was written whole, in
+//! blobs of 50 000 cards (`b` + chunk number → the snapshot chunk encoding of
+//! `id06_protocol::SnapshotChunk`), plus the per-card changes of later updates (`d` + UID
+//! bytes → status code, or `0xFF` for "taken off"). Loading millions of cards is then a
+//! few dozen reads, not millions. When the changes pile up (more than
+//! [`COMPACT_AFTER`]) the list is written whole as a new generation. A full write goes to
+//! a new generation and then flips the pointer in one batch, so a crash mid-import leaves
+//! the old list in force; leftover generations are dropped at open.
 
 use crate::index::CompactIndex;
 use crate::store::{decode_i64, decode_u64, StoreError};
 use arc_swap::ArcSwap;
-use id06_protocol::{BlocklistUpdate, CardStatus, CardUid, UtcMillis};
+use id06_protocol::{BlocklistUpdate, CardStatus, CardUid, SnapshotChunk, UtcMillis};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 const GENERATION: &[u8] = b"generation";
+const BASE: u8 = b'b';
+const DELTA: u8 = b'd';
+const CLEARED: u8 = 0xFF;
+const BLOB_CARDS: usize = 50_000;
+/// Per-card changes kept beside the base before the list is rewritten whole.
+pub const COMPACT_AFTER: usize = 200_000;
 const VERSION: &[u8] = b"version";
 const CONFIRMED_AT: &[u8] = b"confirmed_at";
 
 /// An immutable picture of the list, for lookups.
 #[derive(Debug, Default, Clone)]
 pub struct BlocklistIndex {
-    entries: CompactIndex,
+    entries: Arc<CompactIndex>,
     /// The list's version.
     pub version: u64,
     /// When the list was last confirmed (imported, updated or confirmed by an update).
@@ -113,8 +124,11 @@ pub struct Blocklist {
     dir: std::path::PathBuf,
     meta: sled::Tree,
     current: Arc<ArcSwap<BlocklistIndex>>,
-    /// One writer at a time; lookups never take it.
-    writer: Arc<std::sync::Mutex<()>>,
+    /// One writer at a time; lookups never take it. Holds the number of per-card changes
+    /// stored beside the base.
+    writer: Arc<std::sync::Mutex<usize>>,
+    /// Changes kept beside the base before a rewrite ([`COMPACT_AFTER`]).
+    compact_after: usize,
 }
 
 /// A bad line in an imported CSV file.
@@ -215,10 +229,12 @@ impl Blocklist {
             dir: dir.to_path_buf(),
             meta,
             current: Arc::new(ArcSwap::from_pointee(BlocklistIndex::default())),
-            writer: Arc::new(std::sync::Mutex::new(())),
+            writer: Arc::new(std::sync::Mutex::new(0)),
+            compact_after: COMPACT_AFTER,
         };
-        let index = bl.build_index()?;
+        let (index, deltas) = bl.build_index()?;
         bl.current.store(Arc::new(index));
+        *bl.writer.lock().unwrap_or_else(|p| p.into_inner()) = deltas;
         Ok(bl)
     }
 
@@ -235,24 +251,50 @@ impl Blocklist {
             .unwrap_or(0))
     }
 
-    fn build_index(&self) -> Result<BlocklistIndex, StoreError> {
+    /// The index from the base blobs and the changes; also says how many changes there are.
+    fn build_index(&self) -> Result<(BlocklistIndex, usize), StoreError> {
         let tree = self
             .db
             .open_tree(tree_name(self.generation()?))
             .map_err(|e| self.err(e))?;
         let mut entries = Vec::new();
-        for item in tree.iter() {
+        for item in tree.scan_prefix([BASE]) {
+            let (_, v) = item.map_err(|e| self.err(e))?;
+            match SnapshotChunk::decode(&v) {
+                Ok(chunk) => entries.extend(chunk.entries),
+                Err(e) => {
+                    return Err(StoreError::Corrupt {
+                        dir: self.dir.clone(),
+                        detail: format!("a stored blocklist blob cannot be read: {e}"),
+                    })
+                }
+            }
+        }
+        let mut set = Vec::new();
+        let mut clear = Vec::new();
+        for item in tree.scan_prefix([DELTA]) {
             let (k, v) = item.map_err(|e| self.err(e))?;
-            let (Ok(uid), Some(status)) = (
-                CardUid::from_bytes(&k),
-                v.first().and_then(|c| CardStatus::from_code(*c)),
-            ) else {
-                tracing::warn!("a blocklist entry in the database cannot be decoded; skipped");
+            let Ok(uid) = CardUid::from_bytes(&k[1..]) else {
+                tracing::warn!("a stored blocklist change cannot be decoded; skipped");
                 continue;
             };
-            entries.push((uid, status));
+            match v.first() {
+                Some(&CLEARED) => clear.push(uid),
+                Some(c) => match CardStatus::from_code(*c) {
+                    Some(status) => set.push((uid, status)),
+                    None => {
+                        tracing::warn!(card = %uid, "a stored blocklist change has an unknown status; skipped")
+                    }
+                },
+                None => {}
+            }
         }
-        let entries = CompactIndex::build(entries.iter().copied(), entries.len());
+        let deltas = set.len() + clear.len();
+        let mut entries = CompactIndex::build(entries.iter().copied(), entries.len() + set.len());
+        if deltas > 0 {
+            entries = entries.with_changes(&set, &clear);
+        }
+        let entries = Arc::new(entries);
         let version = self
             .meta
             .get(VERSION)
@@ -265,11 +307,25 @@ impl Blocklist {
             .map_err(|e| self.err(e))?
             .and_then(|v| decode_i64(&v))
             .map(UtcMillis);
-        Ok(BlocklistIndex {
-            entries,
-            version,
-            confirmed_at,
-        })
+        Ok((
+            BlocklistIndex {
+                entries,
+                version,
+                confirmed_at,
+            },
+            deltas,
+        ))
+    }
+
+    /// Swaps in a new index; the old one is freed here, by the writer, once no lookup holds
+    /// it any more (so that no lookup ever pays for freeing tens of megabytes).
+    fn publish(&self, index: BlocklistIndex) {
+        let old = self.current.swap(Arc::new(index));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+        while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        drop(old);
     }
 
     /// The current index (lock-free).
@@ -287,18 +343,35 @@ impl Blocklist {
         now: UtcMillis,
         mut progress: impl FnMut(usize),
     ) -> Result<(), StoreError> {
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut deltas = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_whole(entries, version, now, &mut progress)?;
+        *deltas = 0;
+        self.publish(BlocklistIndex {
+            entries: Arc::new(CompactIndex::build(entries.iter().copied(), entries.len())),
+            version,
+            confirmed_at: Some(now),
+        });
+        Ok(())
+    }
+
+    /// Writes the list whole as a new generation and flips to it (the writer lock held).
+    fn write_whole(
+        &self,
+        entries: &[(CardUid, CardStatus)],
+        version: u64,
+        now: UtcMillis,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<(), StoreError> {
         let old = self.generation()?;
         let new = old + 1;
         let tree = self.db.open_tree(tree_name(new)).map_err(|e| self.err(e))?;
         tree.clear().map_err(|e| self.err(e))?;
-        for (n, chunk) in entries.chunks(20_000).enumerate() {
-            let mut batch = sled::Batch::default();
-            for (uid, status) in chunk {
-                batch.insert(uid.as_bytes(), &[status.code()]);
-            }
-            tree.apply_batch(batch).map_err(|e| self.err(e))?;
-            progress((n * 20_000 + chunk.len()).min(entries.len()));
+        for (n, chunk) in entries.chunks(BLOB_CARDS).enumerate() {
+            let mut key = vec![BASE];
+            key.extend_from_slice(&(n as u32).to_be_bytes());
+            tree.insert(key, SnapshotChunk::encode(version, n as u32, chunk))
+                .map_err(|e| self.err(e))?;
+            progress((n * BLOB_CARDS + chunk.len()).min(entries.len()));
         }
         self.db.flush().map_err(|e| self.err(e))?;
         let mut flip = sled::Batch::default();
@@ -308,11 +381,6 @@ impl Blocklist {
         self.meta.apply_batch(flip).map_err(|e| self.err(e))?;
         self.db.flush().map_err(|e| self.err(e))?;
         self.db.drop_tree(tree_name(old)).map_err(|e| self.err(e))?;
-        self.current.store(Arc::new(BlocklistIndex {
-            entries: CompactIndex::build(entries.iter().copied(), entries.len()),
-            version,
-            confirmed_at: Some(now),
-        }));
         Ok(())
     }
 
@@ -320,7 +388,7 @@ impl Blocklist {
     /// list in force: durably and atomically in sled, then swapped in memory. Returns the
     /// new version.
     pub fn apply_update(&self, update: &BlocklistUpdate, now: UtcMillis) -> Result<u64, Rejection> {
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut deltas = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.index();
         let have = current.version;
         if update.from_version != have {
@@ -345,15 +413,22 @@ impl Blocklist {
             .map_err(|e| storage(e.to_string()))?;
         let result: Result<(), TransactionError<()>> =
             (&entries, &self.meta).transaction(|(tx_entries, tx_meta)| {
+                let key = |uid: &CardUid| {
+                    let mut k = Vec::with_capacity(1 + uid.len());
+                    k.push(DELTA);
+                    k.extend_from_slice(uid.as_bytes());
+                    k
+                };
                 for e in &update.set {
-                    if e.status.is_listed() {
-                        tx_entries.insert(e.card_uid.as_bytes(), &[e.status.code()])?;
+                    let code = if e.status.is_listed() {
+                        e.status.code()
                     } else {
-                        tx_entries.remove(e.card_uid.as_bytes())?;
-                    }
+                        CLEARED
+                    };
+                    tx_entries.insert(key(&e.card_uid), &[code])?;
                 }
                 for uid in &update.clear {
-                    tx_entries.remove(uid.as_bytes())?;
+                    tx_entries.insert(key(uid), &[CLEARED])?;
                 }
                 tx_meta.insert(VERSION, &update.to_version.to_be_bytes())?;
                 tx_meta.insert(CONFIRMED_AT, &now.as_millis().to_be_bytes())?;
@@ -366,13 +441,24 @@ impl Blocklist {
         let entries = if update.is_empty() {
             current.entries.clone()
         } else {
-            current.entries.with_changes(&set, &update.clear)
+            Arc::new(current.entries.with_changes(&set, &update.clear))
         };
-        self.current.store(Arc::new(BlocklistIndex {
+        drop(current); // the writer's own reference must not keep the old index alive
+        *deltas += update.set.len() + update.clear.len();
+        let next = BlocklistIndex {
             entries,
             version: update.to_version,
             confirmed_at: Some(now),
-        }));
+        };
+        if *deltas > self.compact_after {
+            // Fold the changes into a new base; on failure the changes stay valid as they are.
+            let all: Vec<(CardUid, CardStatus)> = next.entries.iter().collect();
+            match self.write_whole(&all, next.version, now, &mut |_| {}) {
+                Ok(()) => *deltas = 0,
+                Err(e) => tracing::warn!("cannot compact the stored blocklist: {e}"),
+            }
+        }
+        self.publish(next);
         Ok(update.to_version)
     }
 
@@ -521,6 +607,53 @@ mod tests {
         assert_eq!(
             idx.lookup(&CardUid::parse("04A1B2C3D4E5F6").unwrap()),
             Some(CardStatus::Suspended)
+        );
+    }
+
+    #[test]
+    fn changes_are_folded_into_a_new_base_when_they_pile_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let mut bl = Blocklist::open(&db, dir.path()).unwrap();
+        bl.compact_after = 3;
+        let a = CardUid::parse("04A1B2C3").unwrap();
+        bl.replace(&[(a, CardStatus::Blocked)], 1, UtcMillis(0), |_| {})
+            .unwrap();
+        let generation = bl.generation().unwrap();
+        bl.apply_update(
+            &update(1, 2, &[("04A1B2C4", CardStatus::Produced)], &[]),
+            UtcMillis(1),
+        )
+        .unwrap();
+        assert_eq!(
+            bl.generation().unwrap(),
+            generation,
+            "one change: kept as a change"
+        );
+        let u = update(
+            2,
+            3,
+            &[
+                ("04A1B2C5", CardStatus::Blocked),
+                ("04A1B2C6", CardStatus::Blocked),
+            ],
+            &["04A1B2C3"],
+        );
+        bl.apply_update(&u, UtcMillis(2)).unwrap();
+        assert_eq!(
+            bl.generation().unwrap(),
+            generation + 1,
+            "four changes: rewritten whole"
+        );
+        drop(bl);
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        let idx = bl.index();
+        assert_eq!((idx.version, idx.len()), (3, 3));
+        assert_eq!(idx.lookup(&a), None);
+        assert_eq!(
+            *bl.writer.lock().unwrap(),
+            0,
+            "no changes left beside the new base"
         );
     }
 

@@ -141,6 +141,9 @@ impl MqttTask {
         let mut failing_since: Option<Instant> = None;
         let mut max_published: u64 = 0;
         loop {
+            let hb = &self.shared.heartbeat;
+            hb.mqtt_last_turn
+                .store(hb.now_ms(), std::sync::atomic::Ordering::Release);
             if self.shutdown.is_cancelled() {
                 return;
             }
@@ -197,6 +200,9 @@ impl MqttTask {
         let mut next_status = Instant::now() + STATUS_EVERY;
         let mut drain_deadline: Option<Instant> = None;
         loop {
+            let hb = &self.shared.heartbeat;
+            hb.mqtt_last_turn
+                .store(hb.now_ms(), std::sync::atomic::Ordering::Release);
             if drain_deadline.is_none() && self.shutdown.is_cancelled() {
                 if !connected {
                     return (End::Shutdown, false);

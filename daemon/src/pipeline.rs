@@ -61,6 +61,8 @@ pub struct Pipeline {
     pub decisions: mpsc::Sender<Vec<u8>>,
     /// The zero point of the debouncer's clock.
     pub epoch: Instant,
+    /// Whether the clock was synchronised at the last tap (to log changes once).
+    pub clock_was_synced: Option<bool>,
 }
 
 struct Pending {
@@ -100,6 +102,9 @@ impl Pipeline {
                     }
                 }
             };
+            let hb = &self.shared.heartbeat;
+            hb.pipeline_busy_since
+                .store(hb.now_ms(), std::sync::atomic::Ordering::Release);
             let mut toggles_in_batch: HashMap<CardUid, (Direction, i64)> = HashMap::new();
             if let Some(first) = first {
                 self.handle(first, &mut unstored, &mut toggles_in_batch);
@@ -113,6 +118,10 @@ impl Pipeline {
             if retry_at.is_none_or(|t| Instant::now() >= t) {
                 self.store(&mut unstored, &mut retry_at);
             }
+            self.shared
+                .heartbeat
+                .pipeline_busy_since
+                .store(0, std::sync::atomic::Ordering::Release);
         }
         self.store(&mut unstored, &mut retry_at);
     }
@@ -220,6 +229,17 @@ impl Pipeline {
         if let Some(t) = toggle {
             toggles.insert(uid, (t.direction, t.at_ms));
         }
+        let synced = clock_synced();
+        if self.clock_was_synced != Some(synced) {
+            if synced {
+                tracing::info!("the system clock is synchronised");
+            } else {
+                tracing::warn!(
+                    "the system clock is not synchronised; events are marked clock_synced = false"
+                );
+            }
+            self.clock_was_synced = Some(synced);
+        }
         let event = Event {
             schema: EventSchemaV1,
             event_id: String::new(),
@@ -235,7 +255,7 @@ impl Pipeline {
             blocklist_version: index.version,
             blocklist_stale: stale,
             occurred_at,
-            clock_synced: clock_synced(),
+            clock_synced: synced,
         };
         Pending { event, toggle }
     }

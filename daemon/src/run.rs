@@ -96,6 +96,9 @@ pub async fn run(
     if config.readers.is_empty() {
         tracing::warn!("no [[reader]] configured: this gateway will record no taps");
     }
+    if !crate::clock::clock_synced() {
+        tracing::warn!("the system clock is not synchronised (no NTP yet?); events carry clock_synced = false until it is");
+    }
     let index = blocklist.index();
     tracing::info!(
         terminal = %config.terminal_id,
@@ -148,6 +151,28 @@ pub async fn run(
     };
     let mut mqtt_task = tokio::spawn(mqtt.run());
 
+    // Delivered events are kept `keep_days` for `events export`, then pruned (hourly).
+    let keep_ms = i64::from(config.events.keep_days) * 24 * 3600 * 1000;
+    let pruner = {
+        let outbox = outbox.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                every.tick().await;
+                let outbox = outbox.clone();
+                let cutoff = UtcMillis(UtcMillis::now().as_millis() - keep_ms);
+                match tokio::task::spawn_blocking(move || outbox.prune_delivered(cutoff)).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => {
+                        tracing::info!(removed = n, "pruned delivered events older than keep_days")
+                    }
+                    Ok(Err(e)) => tracing::warn!("cannot prune old events: {e}"),
+                    Err(_) => {}
+                }
+            }
+        })
+    };
+
     // The tap pipeline, on its own thread.
     let (reader_tx, reader_rx) = mpsc::channel(4096);
     let pipeline = Pipeline {
@@ -169,6 +194,7 @@ pub async fn run(
         shared: shared.clone(),
         decisions: decisions_tx,
         epoch: Instant::now(),
+        clock_was_synced: Some(crate::clock::clock_synced()),
     };
     let (pipeline_done_tx, pipeline_done) = tokio::sync::oneshot::channel::<()>();
     let pipeline_thread = std::thread::Builder::new()
@@ -197,6 +223,7 @@ pub async fn run(
     };
     on_started(&running);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let watchdog = spawn_watchdog(shared.clone());
 
     // Run until told to stop, or until a critical task dies.
     let mut pipeline_done = pipeline_done;
@@ -230,6 +257,10 @@ pub async fn run(
         let _ = mqtt_task.await;
     }
     sync_task.abort();
+    pruner.abort();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     store.flush()?;
     tracing::info!(
         last_seq = outbox.last_seq(),
@@ -240,4 +271,35 @@ pub async fn run(
         Some(f) => Err(RunError::Internal(f)),
         None => Ok(()),
     }
+}
+
+/// Feeds the systemd watchdog (when `WatchdogSec=` is set) while the work loops make
+/// progress; stops feeding, with a log line, when one of them is stuck, so that systemd
+/// restarts the daemon.
+fn spawn_watchdog(shared: Arc<Shared>) -> Option<tokio::task::JoinHandle<()>> {
+    let mut usec = 0u64;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return None;
+    }
+    let period = Duration::from_micros(usec / 2).max(Duration::from_millis(100));
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        let mut complained = false;
+        loop {
+            tick.tick().await;
+            let hb = &shared.heartbeat;
+            match hb.stalled(hb.now_ms(), 20_000, 45_000) {
+                None => {
+                    complained = false;
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                }
+                Some(why) => {
+                    if !complained {
+                        tracing::error!("not feeding the systemd watchdog: {why}");
+                        complained = true;
+                    }
+                }
+            }
+        }
+    }))
 }

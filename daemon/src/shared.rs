@@ -82,6 +82,52 @@ pub struct Shared {
     pub blocklist_gap: Mutex<Option<[u64; 2]>>,
     /// The retained status should be published again soon.
     pub status_dirty: std::sync::atomic::AtomicBool,
+    /// Liveness of the work loops, for the systemd watchdog.
+    pub heartbeat: Heartbeat,
+}
+
+/// Liveness of the daemon's work loops. The watchdog is fed only while both look alive:
+/// the tap pipeline is idle (waiting for readers) or finished its last batch recently, and
+/// the MQTT task went round its loop recently (it wakes at least for keep-alives).
+#[derive(Debug, Default)]
+pub struct Heartbeat {
+    /// Monotonic ms (since `started`) when the pipeline began its current batch; 0 = idle.
+    pub pipeline_busy_since: AtomicU64,
+    /// Monotonic ms (since `started`) of the MQTT task's last loop iteration.
+    pub mqtt_last_turn: AtomicU64,
+    started: std::sync::OnceLock<std::time::Instant>,
+}
+
+impl Heartbeat {
+    /// Milliseconds since the heartbeat was first used (never 0).
+    pub fn now_ms(&self) -> u64 {
+        let start = self.started.get_or_init(std::time::Instant::now);
+        start.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Why the loops do not look alive at `now_ms`, or `None` when they do.
+    pub fn stalled(
+        &self,
+        now_ms: u64,
+        pipeline_limit_ms: u64,
+        mqtt_limit_ms: u64,
+    ) -> Option<String> {
+        let busy = self.pipeline_busy_since.load(Ordering::Acquire);
+        if busy != 0 && now_ms.saturating_sub(busy) > pipeline_limit_ms {
+            return Some(format!(
+                "the tap pipeline has been stuck in one batch for {} ms",
+                now_ms - busy
+            ));
+        }
+        let mqtt = self.mqtt_last_turn.load(Ordering::Acquire);
+        if mqtt != 0 && now_ms.saturating_sub(mqtt) > mqtt_limit_ms {
+            return Some(format!(
+                "the MQTT task has not moved for {} ms",
+                now_ms - mqtt
+            ));
+        }
+        None
+    }
 }
 
 impl Shared {
@@ -108,6 +154,7 @@ impl Shared {
             storage_error: Mutex::new(None),
             blocklist_gap: Mutex::new(None),
             status_dirty: std::sync::atomic::AtomicBool::new(false),
+            heartbeat: Heartbeat::default(),
         }
     }
 
@@ -162,5 +209,33 @@ impl Shared {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watchdog_sees_a_stuck_loop_and_not_an_idle_one() {
+        let h = Heartbeat::default();
+        assert_eq!(
+            h.stalled(100_000, 20_000, 40_000),
+            None,
+            "nothing started yet"
+        );
+        h.mqtt_last_turn.store(90_000, Ordering::Release);
+        assert_eq!(
+            h.stalled(100_000, 20_000, 40_000),
+            None,
+            "idle pipeline, recent MQTT turn"
+        );
+        h.pipeline_busy_since.store(70_000, Ordering::Release);
+        assert!(h
+            .stalled(100_000, 20_000, 40_000)
+            .unwrap()
+            .contains("pipeline"));
+        h.pipeline_busy_since.store(0, Ordering::Release);
+        assert!(h.stalled(140_000, 20_000, 40_000).unwrap().contains("MQTT"));
     }
 }
