@@ -172,12 +172,15 @@ fn main() {
                 t.elapsed().as_secs_f64(),
                 bl.index().len()
             ));
-            let tree_name = db
-                .tree_names()
-                .into_iter()
-                .find(|t| t.starts_with(b"blocklist."))
-                .unwrap();
-            let tree = db.open_tree(tree_name).unwrap();
+            // The baseline: the same cards, one sled key each, as a naive store would keep them.
+            let tree = db.open_tree("baseline_per_card").unwrap();
+            for chunk in listed.chunks(50_000) {
+                let mut batch = sled::Batch::default();
+                for (u, st) in chunk {
+                    batch.insert(u.as_bytes(), &[st.code()]);
+                }
+                tree.apply_batch(batch).unwrap();
+            }
             let mut g = c.benchmark_group(format!("lookup_{n}"));
             g.bench_function("baseline_sled_get_hit", |b| {
                 let mut i = 7usize;
