@@ -11,6 +11,26 @@
 //!         ─▶ decisions ──▶ MQTT task ──▶ P/decision
 //!         ─▶ wake      ──▶ MQTT task ──▶ P/event in seq order, outbox entry removed on PUBACK
 //! ```
+//!
+//! The pure stages take the time as an argument, so their behaviour is a table:
+//!
+//! ```
+//! use id06_protocol::CardUid;
+//! use id06_readers::Observation;
+//! use id06d::config::DebounceSettings;
+//! use id06d::debounce::{Debouncer, Verdict};
+//!
+//! let card = CardUid::parse("04A1B2C3D4E5F6").unwrap();
+//! let mut d = Debouncer::new(DebounceSettings::default());
+//! // A card read every 100 ms for two seconds is one tap ...
+//! let taps = (0..20)
+//!     .filter_map(|i| d.observe(i * 100, 0, &Observation::Card(card)).verdict)
+//!     .collect::<Vec<_>>();
+//! assert_eq!(taps, vec![Verdict::Tap(card)]);
+//! // ... and presenting it again a second later is a duplicate, not a new tap.
+//! d.observe(2500, 0, &Observation::NoCard);
+//! assert_eq!(d.observe(3000, 0, &Observation::Card(card)).verdict, Some(Verdict::Duplicate(card)));
+//! ```
 pub mod blocklist;
 pub mod blocklist_sync;
 pub mod broker;
@@ -19,6 +39,7 @@ pub mod config;
 pub mod debounce;
 pub mod decide;
 pub mod demo;
+pub mod diskguard;
 pub mod index;
 pub mod mqtt;
 pub mod outbox;

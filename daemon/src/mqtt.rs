@@ -131,6 +131,7 @@ impl MqttTask {
                 .lock()
                 .ok()
                 .and_then(|e| e.clone()),
+            storage_loss: self.shared.storage_loss.lock().ok().and_then(|e| e.clone()),
         };
         serde_json::to_vec(&status).unwrap_or_default()
     }

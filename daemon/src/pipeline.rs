@@ -63,11 +63,17 @@ pub struct Pipeline {
     pub epoch: Instant,
     /// Whether the clock was synchronised at the last tap (to log changes once).
     pub clock_was_synced: Option<bool>,
+    /// The data directory, whose free space is checked before each commit.
+    pub data_dir: std::path::PathBuf,
+    /// Where the number of taps waiting in memory is recorded.
+    pub unstored_record: Option<crate::diskguard::UnstoredRecord>,
 }
 
 struct Pending {
     event: Event,
     toggle: Option<ToggleRecord>,
+    /// Its decision was already published (while the disk refused it).
+    announced: bool,
 }
 
 impl Pipeline {
@@ -257,28 +263,56 @@ impl Pipeline {
             occurred_at,
             clock_synced: synced,
         };
-        Pending { event, toggle }
+        Pending {
+            event,
+            toggle,
+            announced: false,
+        }
     }
 
-    /// Writes the waiting events; on success publishes their decisions.
+    /// Writes the waiting events; on success publishes the decisions not yet published.
+    /// When the disk is (nearly) full the events stay in memory, their decisions are
+    /// published at once without a `seq`, and the number waiting is recorded.
     fn store(&mut self, unstored: &mut VecDeque<Pending>, retry_at: &mut Option<Instant>) {
         if unstored.is_empty() {
             *retry_at = None;
             return;
         }
-        let events: Vec<Event> = unstored.iter().map(|p| p.event.clone()).collect();
-        let toggles: Vec<ToggleRecord> = unstored.iter().filter_map(|p| p.toggle).collect();
-        match self.outbox.commit(events, &toggles) {
+        let result = match crate::diskguard::free_bytes(&self.data_dir) {
+            Some(free) if free < crate::diskguard::MIN_FREE_BYTES => Err(format!(
+                "the disk holding {} is full ({} KiB free; {} KiB are kept free to protect the database)",
+                self.data_dir.display(),
+                free / 1024,
+                crate::diskguard::MIN_FREE_BYTES / 1024
+            )),
+            _ => {
+                let events: Vec<Event> = unstored.iter().map(|p| p.event.clone()).collect();
+                let toggles: Vec<ToggleRecord> =
+                    unstored.iter().filter_map(|p| p.toggle).collect();
+                self.outbox
+                    .commit(events, &toggles)
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let shared = self.shared.clone();
+        let c = &shared.counters;
+        match result {
             Ok(recorded) => {
+                let late = unstored.iter().filter(|p| p.announced).count();
+                let announced: Vec<bool> = unstored.iter().map(|p| p.announced).collect();
                 unstored.clear();
                 *retry_at = None;
                 if let Ok(mut e) = self.shared.storage_error.lock() {
                     if e.take().is_some() {
-                        tracing::info!("the disk accepts events again");
+                        tracing::info!(
+                            stored_late = late,
+                            "the disk accepts events again; the waiting taps are stored"
+                        );
+                        self.shared.status_changed();
                     }
                 }
-                let c = &self.shared.counters;
-                for e in &recorded {
+                self.record_unstored(None);
+                for (e, was_announced) in recorded.iter().zip(announced) {
                     Counters::bump(&c.taps);
                     match e.reason {
                         None => Counters::bump(&c.granted),
@@ -294,26 +328,65 @@ impl Pipeline {
                         reason = e.reason.map_or("", |r| r.as_str()),
                         "tap"
                     );
-                    if self.decisions.try_send(e.to_json()).is_err() {
+                    if !was_announced && self.decisions.try_send(e.to_json()).is_err() {
                         Counters::bump(&c.decisions_dropped);
                     }
                 }
                 self.shared.wake.notify_one();
             }
-            Err(err) => {
-                Counters::bump(&self.shared.counters.storage_failures);
-                let message = err.to_string();
-                if let Ok(mut e) = self.shared.storage_error.lock() {
-                    if e.as_deref() != Some(&message) {
-                        tracing::error!(
-                            waiting = unstored.len(),
-                            "CANNOT STORE TAPS: {message}; they wait in memory and are retried"
-                        );
-                    }
-                    *e = Some(message);
+            Err(message) => {
+                Counters::bump(&c.storage_failures);
+                let changed = self
+                    .shared
+                    .storage_error
+                    .lock()
+                    .map(|mut e| {
+                        let changed = e.as_deref() != Some(&message);
+                        *e = Some(message.clone());
+                        changed
+                    })
+                    .unwrap_or(false);
+                if changed {
+                    tracing::error!(waiting = unstored.len(), "CANNOT STORE TAPS: {message}; they wait in memory and are stored as soon as the disk accepts them");
+                    self.shared.status_changed();
                 }
-                self.shared.wake.notify_one();
+                // The door must not wait for the disk: decide and signal now, without a seq.
+                for p in unstored.iter_mut().filter(|p| !p.announced) {
+                    p.announced = true;
+                    let mut e = p.event.clone();
+                    e.seq = 0;
+                    e.event_id = format!("{}:unstored", e.terminal_id);
+                    tracing::warn!(
+                        reader = %e.reader,
+                        direction = %e.direction,
+                        card = %e.card_uid,
+                        decision = ?e.decision,
+                        reason = e.reason.map_or("", |r| r.as_str()),
+                        "tap decided but not yet stored (disk full)"
+                    );
+                    if self.decisions.try_send(e.to_json()).is_err() {
+                        Counters::bump(&c.decisions_dropped);
+                    }
+                }
+                let state = crate::diskguard::Unstored {
+                    count: unstored.len() as u64,
+                    first: unstored
+                        .front()
+                        .map_or(UtcMillis(0), |p| p.event.occurred_at),
+                    last: unstored
+                        .back()
+                        .map_or(UtcMillis(0), |p| p.event.occurred_at),
+                };
+                self.record_unstored(Some(state));
                 *retry_at = Some(Instant::now() + Duration::from_millis(500));
+            }
+        }
+    }
+
+    fn record_unstored(&mut self, state: Option<crate::diskguard::Unstored>) {
+        if let Some(r) = &mut self.unstored_record {
+            if let Err(e) = r.write(state) {
+                tracing::warn!("cannot update unstored.state: {e}");
             }
         }
     }

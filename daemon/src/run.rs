@@ -75,6 +75,22 @@ pub async fn run(
             .map_err(|e| RunError::Internal(e.to_string()))??
     };
     let outbox = Outbox::open(&store)?;
+    let (unstored_record, lost) = match crate::diskguard::UnstoredRecord::open(&config.data_dir) {
+        Ok((r, lost)) => (Some(r), lost),
+        Err(e) => {
+            tracing::warn!("cannot keep unstored.state in {}: {e}; taps lost to a full disk and a crash would go unreported", config.data_dir.display());
+            (None, None)
+        }
+    };
+    let lost_report = lost.map(|l| {
+        format!(
+            "the previous run stopped with {} tap(s) not yet stored (the disk was full), taken between {} and {}; they are lost",
+            l.count, l.first, l.last
+        )
+    });
+    if let Some(r) = &lost_report {
+        tracing::error!("{r}");
+    }
     let blocklist = Blocklist::open(&store.db, &store.dir)?;
     let password = match &config.mqtt.password_file {
         Some(path) => Some(
@@ -113,6 +129,11 @@ pub async fn run(
 
     let names: Vec<String> = config.readers.iter().map(|r| r.name.clone()).collect();
     let shared = Arc::new(Shared::new(&names));
+    if let Some(r) = lost_report {
+        if let Ok(mut e) = shared.storage_loss.lock() {
+            *e = Some(r);
+        }
+    }
     let topics = Topics::new(
         &config.mqtt.topic_prefix,
         &config.site_id,
@@ -195,6 +216,8 @@ pub async fn run(
         decisions: decisions_tx,
         epoch: Instant::now(),
         clock_was_synced: Some(crate::clock::clock_synced()),
+        data_dir: config.data_dir.clone(),
+        unstored_record,
     };
     let (pipeline_done_tx, pipeline_done) = tokio::sync::oneshot::channel::<()>();
     let pipeline_thread = std::thread::Builder::new()

@@ -78,6 +78,8 @@ pub struct Shared {
     pub wake: Notify,
     /// The last storage failure, while it lasts.
     pub storage_error: Mutex<Option<String>>,
+    /// What an earlier run lost to a full disk (reported from start).
+    pub storage_loss: Mutex<Option<String>>,
     /// A blocklist gap `[version in force, from_version of the update that did not fit]`.
     pub blocklist_gap: Mutex<Option<[u64; 2]>>,
     /// The retained status should be published again soon.
@@ -152,6 +154,7 @@ impl Shared {
             readers: Mutex::new(readers),
             wake: Notify::new(),
             storage_error: Mutex::new(None),
+            storage_loss: Mutex::new(None),
             blocklist_gap: Mutex::new(None),
             status_dirty: std::sync::atomic::AtomicBool::new(false),
             heartbeat: Heartbeat::default(),

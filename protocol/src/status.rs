@@ -31,6 +31,9 @@ pub struct GatewayStatus {
     /// The last failure to store an event durably (a full or broken disk), while it lasts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_error: Option<String>,
+    /// Taps an earlier run lost: it stopped while they waited for a full disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_loss: Option<String>,
 }
 
 impl GatewayStatus {
