@@ -235,10 +235,14 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             let rt = tokio_runtime()?;
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
-                let signals = shutdown.clone();
+                // Register the handlers before anything else, so that a SIGTERM that comes
+                // early is a clean stop, not the default "terminate now".
+                let signals = Signals::register()
+                    .map_err(|e| runtime(format!("cannot install signal handlers: {e}")))?;
+                let cancel = shutdown.clone();
                 tokio::spawn(async move {
-                    wait_for_signal().await;
-                    signals.cancel();
+                    signals.wait().await;
+                    cancel.cancel();
                 });
                 id06d::run::run(config, Default::default(), shutdown, |_| {})
                     .await
@@ -660,20 +664,25 @@ fn age_text(age: Option<u64>) -> String {
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+/// SIGTERM and SIGINT, registered with tokio at once.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn register() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.int.recv() => tracing::info!("SIGINT received"),
         }
     }
 }

@@ -3,5 +3,6 @@
 
 mod blocklist;
 mod cli;
+mod faults;
 mod pipeline;
 mod support;

@@ -226,35 +226,6 @@ fn a_scripted_rush_produces_exactly_the_expected_events_in_order() {
     );
 }
 
-/// The seqs received on P/event: every arrival must decode, equal seqs must carry the same
-/// event, and first arrivals must come in seq order. Returns first arrivals by seq and the
-/// number of redeliveries.
-fn check_delivery(events: &[Event]) -> (BTreeMap<u64, Event>, usize) {
-    let mut first: BTreeMap<u64, Event> = BTreeMap::new();
-    let mut redeliveries = 0;
-    let mut highest = 0u64;
-    for e in events {
-        match first.get(&e.seq) {
-            Some(prev) => {
-                assert_eq!(prev, e, "seq {} was reused for a different event", e.seq);
-                redeliveries += 1;
-            }
-            None => {
-                assert_eq!(
-                    e.seq,
-                    highest + 1,
-                    "new events must arrive in seq order without a gap (got {} after {})",
-                    e.seq,
-                    highest
-                );
-                highest = e.seq;
-                first.insert(e.seq, e.clone());
-            }
-        }
-    }
-    (first, redeliveries)
-}
-
 fn burst_config(dir: &std::path::Path, url: &str, cards: u32, step_ms: u32) -> TestConfig {
     let mut script = String::new();
     for i in 0..cards {
@@ -299,18 +270,6 @@ poll_ms = 10
 direction = "out"
 "#,
     )
-}
-
-fn outbox_stats(config: &TestConfig) -> (u64, u64) {
-    let (code, out, err) = id06d(&["outbox", "stats", "--config", config.path.to_str().unwrap()]);
-    assert_eq!(code, 0, "outbox stats: {err}");
-    let num = |label: &str| -> u64 {
-        out.lines()
-            .find(|l| l.starts_with(label))
-            .and_then(|l| l.split_whitespace().find_map(|w| w.parse().ok()))
-            .unwrap_or_else(|| panic!("no {label} in {out}"))
-    };
-    (num("outbox depth"), num("last seq"))
 }
 
 #[test]

@@ -109,6 +109,13 @@ impl Daemon {
         }
     }
 
+    /// Waits until this daemon has set up (and handles signals).
+    pub fn wait_started(&self) {
+        wait_for("the daemon to start", Duration::from_secs(20), || {
+            self.log_text().contains("id06d starting")
+        });
+    }
+
     /// The daemon's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -175,7 +182,20 @@ impl Subscriber {
     /// Connects as `client_id` to the broker on `port` and subscribes to `filters`; returns
     /// once the subscription is acknowledged.
     pub fn start(port: u16, client_id: &str, filters: &[&str]) -> Subscriber {
+        Self::start_as(port, client_id, filters, None)
+    }
+
+    /// Like [`Subscriber::start`], logging in with a user name and password.
+    pub fn start_as(
+        port: u16,
+        client_id: &str,
+        filters: &[&str],
+        login: Option<(&str, &str)>,
+    ) -> Subscriber {
         let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
+        if let Some((user, password)) = login {
+            o.set_credentials(user, password);
+        }
         o.set_clean_session(false);
         o.set_keep_alive(Duration::from_secs(5));
         o.set_max_packet_size(16 << 20, 16 << 20);
@@ -290,4 +310,129 @@ pub fn publish_raw(port: u16, topic: &str, payload: Vec<u8>, retain: bool) {
         }
     }
     let _ = client.disconnect();
+}
+
+/// A tmpfs mounted on a fresh directory for one test (needs root, as CI and the README's
+/// test command run); unmounted when dropped.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(parent: &Path, name: &str, options: &str) -> Tmpfs {
+        let path = parent.join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(&path)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test needs to mount a tmpfs (run the tests as root, as ./run.sh test does): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs { path }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// Fills the file system of `dir` until at most `leave` bytes are free; returns the filler.
+pub fn fill_disk(dir: &Path, leave: u64) -> PathBuf {
+    use std::io::Write;
+    let filler = dir.join("filler");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&filler)
+        .unwrap();
+    let block = vec![0xA5u8; 256 * 1024];
+    while id06d::diskguard::free_bytes(dir).unwrap() > leave {
+        if f.write_all(&block).is_err() {
+            break;
+        }
+    }
+    let _ = f.sync_all();
+    filler
+}
+
+/// A small deterministic random generator for fault schedules (the seed is printed).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn from_env_or_time() -> Rng {
+        let seed = std::env::var("ID06D_CHAOS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+                    | 1
+            });
+        eprintln!("chaos seed: {seed} (set ID06D_CHAOS_SEED={seed} to repeat this schedule)");
+        Rng(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A duration between `lo` and `hi` milliseconds.
+    pub fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.next() % (hi - lo + 1))
+    }
+}
+
+/// The seqs received on P/event: every arrival must decode, equal seqs must carry the same
+/// event, and first arrivals must come in seq order. Returns first arrivals by seq and the
+/// number of redeliveries.
+pub fn check_delivery(
+    events: &[id06_protocol::Event],
+) -> (std::collections::BTreeMap<u64, id06_protocol::Event>, usize) {
+    let mut first: std::collections::BTreeMap<u64, id06_protocol::Event> =
+        std::collections::BTreeMap::new();
+    let mut redeliveries = 0;
+    let mut highest = 0u64;
+    for e in events {
+        match first.get(&e.seq) {
+            Some(prev) => {
+                assert_eq!(prev, e, "seq {} was reused for a different event", e.seq);
+                redeliveries += 1;
+            }
+            None => {
+                assert_eq!(
+                    e.seq,
+                    highest + 1,
+                    "new events must arrive in seq order without a gap (got {} after {})",
+                    e.seq,
+                    highest
+                );
+                highest = e.seq;
+                first.insert(e.seq, e.clone());
+            }
+        }
+    }
+    (first, redeliveries)
+}
+
+pub fn outbox_stats(config: &TestConfig) -> (u64, u64) {
+    let (code, out, err) = id06d(&["outbox", "stats", "--config", config.path.to_str().unwrap()]);
+    assert_eq!(code, 0, "outbox stats: {err}");
+    let num = |label: &str| -> u64 {
+        out.lines()
+            .find(|l| l.starts_with(label))
+            .and_then(|l| l.split_whitespace().find_map(|w| w.parse().ok()))
+            .unwrap_or_else(|| panic!("no {label} in {out}"))
+    };
+    (num("outbox depth"), num("last seq"))
 }
