@@ -170,6 +170,7 @@ pub async fn run_demo() -> Result<(), String> {
         config.clone(),
         RunOptions {
             drain_timeout: Duration::from_secs(5),
+            injector: false,
         },
         shutdown.clone(),
         move |running| {

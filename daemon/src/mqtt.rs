@@ -28,6 +28,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Events in flight (published, not yet acknowledged) at most.
 pub const WINDOW: usize = 128;
+/// Acknowledged events are removed from the outbox in batches of this many.
+const ACK_BATCH: usize = 64;
+/// Events read from the outbox at a time.
+const READ_AHEAD: usize = 256;
 /// rumqttc's own in-flight limit; above WINDOW so decisions and states fit beside events.
 const INFLIGHT: u16 = 512;
 /// Capacity of rumqttc's request channel.
@@ -75,7 +79,7 @@ enum Tag {
 
 /// Per-connection delivery state.
 struct Window {
-    /// The next `seq` to publish.
+    /// The next `seq` to read from the outbox (those before it are in flight or read ahead).
     next: u64,
     /// Tags of the publishes handed to rumqttc, in order, waiting for their pkid.
     unassigned: VecDeque<Tag>,
@@ -83,6 +87,10 @@ struct Window {
     by_pkid: HashMap<u16, u64>,
     /// Events published and not yet acknowledged.
     in_flight: usize,
+    /// Acknowledged events not yet removed from the outbox.
+    acked: Vec<u64>,
+    /// Events read from the outbox and not yet published (seq, JSON).
+    ahead: VecDeque<(u64, Vec<u8>)>,
 }
 
 enum End {
@@ -197,6 +205,8 @@ impl MqttTask {
             unassigned: VecDeque::new(),
             by_pkid: HashMap::new(),
             in_flight: 0,
+            acked: Vec::with_capacity(ACK_BATCH),
+            ahead: VecDeque::new(),
         };
         let mut next_status = Instant::now() + STATUS_EVERY;
         let mut drain_deadline: Option<Instant> = None;
@@ -213,6 +223,7 @@ impl MqttTask {
             if let Some(deadline) = drain_deadline {
                 let drained = window.in_flight == 0 && self.outbox.depth() == 0;
                 if drained || Instant::now() >= deadline {
+                    self.flush_acks(&mut window);
                     self.goodbye(client, &mut eventloop).await;
                     return (End::Shutdown, true);
                 }
@@ -252,16 +263,19 @@ impl MqttTask {
                         Ok(MqttEvent::Incoming(Packet::PubAck(ack))) => {
                             if let Some(seq) = window.by_pkid.remove(&ack.pkid) {
                                 window.in_flight = window.in_flight.saturating_sub(1);
-                                match self.outbox.ack(seq) {
-                                    Ok(true) => Counters::bump(&self.shared.counters.delivered),
-                                    Ok(false) => {}
-                                    Err(e) => tracing::error!(seq, "cannot remove a delivered event from the outbox: {e}"),
+                                window.acked.push(seq);
+                                // Remove acknowledged events in batches; at once when idle.
+                                if window.acked.len() >= ACK_BATCH || window.in_flight == 0 {
+                                    self.flush_acks(&mut window);
                                 }
                                 self.fill(client, &mut window, max_published);
                             }
                         }
                         Ok(_) => {}
-                        Err(e) => return (End::Lost(describe(&e)), connected),
+                        Err(e) => {
+                            self.flush_acks(&mut window);
+                            return (End::Lost(describe(&e)), connected);
+                        }
                     }
                 }
                 decision = self.decisions.recv() => {
@@ -349,37 +363,61 @@ impl MqttTask {
         }
     }
 
-    /// Tops the window up from the outbox.
+    /// Removes the acknowledged events from the outbox (not synced: a lost removal only
+    /// means a redelivery).
+    fn flush_acks(&self, window: &mut Window) {
+        if window.acked.is_empty() {
+            return;
+        }
+        match self.outbox.ack_many(&window.acked) {
+            Ok(n) => {
+                self.shared
+                    .counters
+                    .delivered
+                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                self.shared.delivered.notify_waiters();
+            }
+            Err(e) => tracing::error!("cannot remove delivered events from the outbox: {e}"),
+        }
+        window.acked.clear();
+    }
+
+    /// Tops the window up from the outbox, reading ahead [`READ_AHEAD`] events at a time.
     fn fill(&self, client: &AsyncClient, window: &mut Window, max_published: &mut u64) {
         while window.in_flight < WINDOW {
-            let batch = match self
-                .outbox
-                .pending_from(window.next, WINDOW - window.in_flight)
-            {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!("cannot read the outbox: {e}");
-                    return;
+            if window.ahead.is_empty() {
+                match self.outbox.pending_from(window.next, READ_AHEAD) {
+                    Ok(batch) => {
+                        let Some(&(last, _)) = batch.last() else {
+                            return;
+                        };
+                        window.next = last + 1;
+                        window.ahead.extend(batch);
+                    }
+                    Err(e) => {
+                        tracing::error!("cannot read the outbox: {e}");
+                        return;
+                    }
                 }
+            }
+            let Some((seq, payload)) = window.ahead.pop_front() else {
+                return;
             };
-            if batch.is_empty() {
+            if client
+                .try_publish(self.topics.event(), QoS::AtLeastOnce, false, payload)
+                .is_err()
+            {
+                // rumqttc's queue is full: read this one again next time.
+                window.ahead.clear();
+                window.next = seq;
                 return;
             }
-            for (seq, payload) in batch {
-                if client
-                    .try_publish(self.topics.event(), QoS::AtLeastOnce, false, payload)
-                    .is_err()
-                {
-                    return;
-                }
-                window.unassigned.push_back(Tag::Event(seq));
-                window.in_flight += 1;
-                window.next = seq + 1;
-                if seq <= *max_published {
-                    Counters::bump(&self.shared.counters.redelivered);
-                }
-                *max_published = (*max_published).max(seq);
+            window.unassigned.push_back(Tag::Event(seq));
+            window.in_flight += 1;
+            if seq <= *max_published {
+                Counters::bump(&self.shared.counters.redelivered);
             }
+            *max_published = (*max_published).max(seq);
         }
     }
 

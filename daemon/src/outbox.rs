@@ -179,23 +179,63 @@ impl Outbox {
     /// Up to `limit` undelivered events with `seq >= from`, in `seq` order, as JSON.
     pub fn pending_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let j = &self.store.journal;
-        let mut out = Vec::with_capacity(limit.min(1024));
+        let mut seqs = Vec::with_capacity(limit.min(1024));
         for item in j.range(key(PENDING, from)..key(PENDING, u64::MAX)) {
-            if out.len() >= limit {
+            if seqs.len() >= limit {
                 break;
             }
             let (k, _) = item.map_err(|e| self.err(e))?;
-            let Some(seq) = seq_of(&k) else { continue };
-            match j.get(key(EVENT, seq)).map_err(|e| self.err(e))? {
-                Some(json) => out.push((seq, json.to_vec())),
-                None => {
-                    // Cannot happen with batches; if it did, the entry is useless: drop it.
-                    tracing::error!(seq, "outbox entry without its event; dropping it");
-                    self.ack(seq)?;
-                }
+            if let Some(seq) = seq_of(&k) {
+                seqs.push(seq);
             }
         }
+        let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
+            return Ok(Vec::new());
+        };
+        // One ordered pass over the events in the same range (a merge, not a get per seq).
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut wanted = seqs.iter().copied().peekable();
+        for item in j.range(key(EVENT, first)..=key(EVENT, last)) {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let Some(seq) = seq_of(&k) else { continue };
+            while wanted.peek().is_some_and(|w| *w < seq) {
+                let lost = wanted.next().unwrap_or_default();
+                tracing::error!(seq = lost, "outbox entry without its event; dropping it");
+                self.ack(lost)?;
+            }
+            if wanted.peek() == Some(&seq) {
+                wanted.next();
+                out.push((seq, v.to_vec()));
+            }
+        }
+        for lost in wanted {
+            tracing::error!(seq = lost, "outbox entry without its event; dropping it");
+            self.ack(lost)?;
+        }
         Ok(out)
+    }
+
+    /// Removes several acknowledged events from the outbox in one batch; returns how many
+    /// were still in it.
+    pub fn ack_many(&self, seqs: &[u64]) -> Result<u64, StoreError> {
+        let j = &self.store.journal;
+        let mut batch = sled::Batch::default();
+        let mut removed = 0u64;
+        let mut unique = seqs.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        for seq in &unique {
+            let k = key(PENDING, *seq);
+            if j.contains_key(k).map_err(|e| self.err(e))? {
+                batch.remove(&k);
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            j.apply_batch(batch).map_err(|e| self.err(e))?;
+            self.depth.fetch_sub(removed, Ordering::AcqRel);
+        }
+        Ok(removed)
     }
 
     /// The first undelivered `seq`, if any.
@@ -361,15 +401,20 @@ mod tests {
         assert_eq!(first, vec![1, 2, 3, 4, 5]);
         assert!(o.ack(3).unwrap());
         assert!(!o.ack(3).unwrap(), "a second ack changes nothing");
+        assert_eq!(
+            o.ack_many(&[3, 250, 251, 251]).unwrap(),
+            2,
+            "only what was pending counts"
+        );
+        assert_eq!(o.depth(), 297);
         let next: Vec<u64> = o.pending_from(2, 3).unwrap().iter().map(|p| p.0).collect();
         assert_eq!(next, vec![2, 4, 5]);
-        assert_eq!(o.depth(), 299);
         let json = &o.pending_from(300, 1).unwrap()[0].1;
         assert_eq!(Event::from_json(json).unwrap().seq, 300);
         // The depth is recovered on reopening.
         drop(o);
         let o = Outbox::open(&store).unwrap();
-        assert_eq!(o.depth(), 299);
+        assert_eq!(o.depth(), 297);
         assert_eq!(o.first_pending().unwrap(), Some(1));
     }
 

@@ -41,6 +41,9 @@ pub struct Running {
     pub blocklist: Blocklist,
     /// The store.
     pub store: Store,
+    /// With [`RunOptions::injector`]: a sender into the tap pipeline, as if from a reader
+    /// (benchmarks and tests). Drop every clone before shutdown, or the pipeline waits.
+    pub injector: Option<mpsc::Sender<id06_readers::ReaderMessage>>,
 }
 
 /// Options that are not in the configuration file.
@@ -48,12 +51,15 @@ pub struct Running {
 pub struct RunOptions {
     /// After shutdown, how long MQTT may keep delivering the outbox.
     pub drain_timeout: Duration,
+    /// Hand out a sender into the pipeline in [`Running::injector`].
+    pub injector: bool,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
             drain_timeout: Duration::from_secs(3),
+            injector: false,
         }
     }
 }
@@ -236,15 +242,16 @@ pub async fn run(
         .enumerate()
         .map(|(i, r)| spawn_reader(i, r, reader_tx.clone(), readers_stop.clone()))
         .collect();
-    drop(reader_tx);
-
     let running = Running {
         shared: shared.clone(),
         outbox: outbox.clone(),
         blocklist: blocklist.clone(),
         store: store.clone(),
+        injector: options.injector.then(|| reader_tx.clone()),
     };
+    drop(reader_tx);
     on_started(&running);
+    drop(running); // its injector must not keep the pipeline open
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let watchdog = spawn_watchdog(shared.clone());
 

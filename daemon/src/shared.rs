@@ -86,6 +86,9 @@ pub struct Shared {
     pub status_dirty: std::sync::atomic::AtomicBool,
     /// Liveness of the work loops, for the systemd watchdog.
     pub heartbeat: Heartbeat,
+    /// Signalled whenever events leave the outbox acknowledged (for benchmarks and tests
+    /// that wait for delivery without spinning).
+    pub delivered: Notify,
 }
 
 /// Liveness of the daemon's work loops. The watchdog is fed only while both look alive:
@@ -158,6 +161,7 @@ impl Shared {
             blocklist_gap: Mutex::new(None),
             status_dirty: std::sync::atomic::AtomicBool::new(false),
             heartbeat: Heartbeat::default(),
+            delivered: Notify::new(),
         }
     }
 

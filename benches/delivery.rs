@@ -1,0 +1,370 @@
+//! Delivery speed, each against a baseline measured in the same run on the same private
+//! mosquitto (loopback):
+//!
+//! - `tap_to_puback`: a tap injected into the running daemon's pipeline until the broker
+//!   acknowledged its event on `P/event` (debounce, decide, sled commit + fsync, publish,
+//!   PUBACK, outbox removal), against a raw rumqttc QoS 1 publish-to-PUBACK of the same
+//!   payload plus one `fdatasync` of the same bytes. Goal: at most 1.5×.
+//! - `backlog drain`: 100 000 events waiting in the outbox after an outage, delivered;
+//!   against raw rumqttc QoS 1 publishing of the same payloads without persistence.
+//!   Goal: at least half the raw rate.
+//! - `idle cost`: CPU and resident memory of the `id06d` binary with four simulated readers
+//!   polling every 100 ms (`ID06D_IDLE_SECS`, default 60). Goal: under 1 % of a core and
+//!   under 30 MB.
+//!
+//! Run: `cargo bench -p id06d --bench delivery`.
+
+use criterion::Criterion;
+use id06_protocol::{CardStatus, CardUid, Decision, Direction, Event, EventSchemaV1, UtcMillis};
+use id06_readers::{Observation, ReaderMessage, Report};
+use id06d::broker::LocalBroker;
+use id06d::config::Config;
+use id06d::outbox::Outbox;
+use id06d::run::{run, RunOptions};
+use id06d::shared::Counters;
+use id06d::store::Store;
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+fn sample_event(i: u64) -> Event {
+    Event {
+        schema: EventSchemaV1,
+        event_id: String::new(),
+        seq: 0,
+        site_id: "SE-BENCH".into(),
+        terminal_id: "gate-bench".into(),
+        reader: "r0".into(),
+        direction: Direction::In,
+        card_uid: uid(i),
+        card_status: CardStatus::Unlisted,
+        decision: Decision::Granted,
+        reason: None,
+        blocklist_version: 1207,
+        blocklist_stale: false,
+        occurred_at: UtcMillis(1_795_000_000_000 + i as i64),
+        clock_synced: true,
+    }
+}
+
+fn uid(i: u64) -> CardUid {
+    let b = i.to_be_bytes();
+    CardUid::from_bytes(&[0x04, 0xBE, b[3], b[4], b[5], b[6], b[7]]).unwrap()
+}
+
+fn config(dir: &Path, port: u16, readers: &str) -> Config {
+    let path = dir.join("id06d.toml");
+    std::fs::write(
+        &path,
+        format!("site_id = \"SE-BENCH\"\nterminal_id = \"gate-bench\"\ndata_dir = \"data\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\n{readers}"),
+    )
+    .unwrap();
+    Config::load(&path).unwrap()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p) as usize]
+}
+
+/// Raw client: one QoS 1 publish, wait for its PUBACK.
+async fn raw_publish_puback(
+    client: &AsyncClient,
+    eventloop: &mut rumqttc::EventLoop,
+    payload: &[u8],
+) {
+    client
+        .publish("bench/raw", QoS::AtLeastOnce, false, payload.to_vec())
+        .await
+        .unwrap();
+    loop {
+        if let Ok(MqttEvent::Incoming(Packet::PubAck(_))) = eventloop.poll().await {
+            return;
+        }
+    }
+}
+
+async fn raw_client(port: u16, id: &str, inflight: u16) -> (AsyncClient, rumqttc::EventLoop) {
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_inflight(inflight);
+    let (client, mut eventloop) = AsyncClient::new(o, 1024);
+    loop {
+        if let Ok(MqttEvent::Incoming(Packet::ConnAck(_))) = eventloop.poll().await {
+            break;
+        }
+    }
+    (client, eventloop)
+}
+
+fn main() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).try_init();
+    }
+    let mut c = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .configure_from_args();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let broker = LocalBroker::start(&work.path().join("broker"), "").unwrap();
+    let mut report = Vec::new();
+    let parts =
+        std::env::var("ID06D_DELIVERY_PARTS").unwrap_or_else(|_| "latency,drain,idle".into());
+
+    // ---- tap -> PUBACK -------------------------------------------------------------
+    if parts.contains("latency") {
+        let dir = work.path().join("latency");
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = config(&dir, broker.port, "");
+        let payload = {
+            let mut e = sample_event(1);
+            e.seq = 1;
+            e.event_id = "gate-bench:1".into();
+            e.to_json()
+        };
+        let shutdown = CancellationToken::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let daemon = rt.spawn(run(
+            cfg,
+            RunOptions {
+                drain_timeout: Duration::from_secs(2),
+                injector: true,
+            },
+            shutdown.clone(),
+            move |r| {
+                let _ = tx.send((r.injector.clone().unwrap(), r.shared.clone()));
+            },
+        ));
+        let (injector, shared) = rx.recv().unwrap();
+        // Wait for the connection: the first tap's delivery proves it.
+        let delivered = |s: &id06d::shared::Shared| Counters::get(&s.counters.delivered);
+        let mut n: u64 = 0;
+        let tap = |n: &mut u64| {
+            *n += 1;
+            let before = delivered(&shared);
+            let t = Instant::now();
+            injector
+                .blocking_send(ReaderMessage {
+                    reader: 0,
+                    at: std::time::Instant::now(),
+                    report: Report::Observed(Observation::Card(uid(*n))),
+                })
+                .unwrap();
+            // Park until the MQTT task says events were delivered (no spinning on a core the
+            // daemon needs).
+            rt.block_on(async {
+                loop {
+                    let notified = shared.delivered.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    if delivered(&shared) != before {
+                        return;
+                    }
+                    notified.await;
+                }
+            });
+            t.elapsed()
+        };
+        let warm = Instant::now();
+        while warm.elapsed() < Duration::from_secs(1) {
+            tap(&mut n);
+        }
+        let mut g = c.benchmark_group("tap_to_puback");
+        let mut ours = Vec::new();
+        g.bench_function("daemon", |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let d = tap(&mut n);
+                    ours.push(d);
+                    total += d;
+                }
+                total
+            })
+        });
+        let raw_file_path = dir.join("raw.log");
+        let mut raw_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&raw_file_path)
+            .unwrap();
+        let (client, mut eventloop) =
+            rt.block_on(raw_client(broker.port, "bench-raw-latency", 100));
+        let mut raw = Vec::new();
+        g.bench_function("baseline_raw_publish_puback_plus_fsync", |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let t = Instant::now();
+                    raw_file.write_all(&payload).unwrap();
+                    raw_file.sync_data().unwrap();
+                    rt.block_on(raw_publish_puback(&client, &mut eventloop, &payload));
+                    let d = t.elapsed();
+                    raw.push(d);
+                    total += d;
+                }
+                total
+            })
+        });
+        g.finish();
+        ours.sort();
+        raw.sort();
+        report.push(format!(
+        "tap -> PUBACK: daemon median {:?} p99 {:?}; raw publish+fsync median {:?} p99 {:?}; ratio median {:.2}x p99 {:.2}x (goal <= 1.5x)",
+        percentile(&ours, 0.5), percentile(&ours, 0.99), percentile(&raw, 0.5), percentile(&raw, 0.99),
+        percentile(&ours, 0.5).as_secs_f64() / percentile(&raw, 0.5).as_secs_f64(),
+        percentile(&ours, 0.99).as_secs_f64() / percentile(&raw, 0.99).as_secs_f64()
+    ));
+        drop(injector);
+        shutdown.cancel();
+        rt.block_on(daemon).unwrap().unwrap();
+    }
+
+    // ---- backlog drain ---------------------------------------------------------------
+    if parts.contains("drain") {
+        const BACKLOG: u64 = 100_000;
+        let dir = work.path().join("drain");
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = config(&dir, broker.port, "");
+        {
+            let store = Store::open(&cfg.data_dir, &cfg.terminal_id).unwrap();
+            let outbox = Outbox::open(&store).unwrap();
+            for chunk in (0..BACKLOG).collect::<Vec<_>>().chunks(1000) {
+                outbox
+                    .commit(chunk.iter().map(|i| sample_event(*i)).collect(), &[])
+                    .unwrap();
+            }
+            store.flush().unwrap();
+        }
+        let shutdown = CancellationToken::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t0 = Instant::now();
+        let daemon = rt.spawn(run(
+            cfg,
+            RunOptions {
+                drain_timeout: Duration::from_secs(2),
+                injector: false,
+            },
+            shutdown.clone(),
+            move |r| {
+                let _ = tx.send((r.outbox.clone(), r.shared.clone()));
+            },
+        ));
+        let (outbox, shared) = rx.recv().unwrap();
+        let started = t0.elapsed();
+        while Counters::get(&shared.counters.delivered) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let first_delivery = t0.elapsed();
+        while outbox.depth() > 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let drain = t0.elapsed() - first_delivery;
+        shutdown.cancel();
+        rt.block_on(daemon).unwrap().unwrap();
+        let (client, mut eventloop) = rt.block_on(raw_client(broker.port, "bench-raw-drain", 100));
+        let raw_payload = sample_event(1).to_json();
+        let t0 = Instant::now();
+        rt.block_on(async {
+            let feeder = {
+                let client = client.clone();
+                let p = raw_payload.clone();
+                tokio::spawn(async move {
+                    for _ in 0..BACKLOG {
+                        client
+                            .publish("bench/raw", QoS::AtLeastOnce, false, p.clone())
+                            .await
+                            .unwrap();
+                    }
+                })
+            };
+            let mut acked = 0;
+            while acked < BACKLOG {
+                if let Ok(MqttEvent::Incoming(Packet::PubAck(_))) = eventloop.poll().await {
+                    acked += 1;
+                }
+            }
+            feeder.await.unwrap();
+        });
+        let raw_drain = t0.elapsed();
+        let ours_rate = BACKLOG as f64 / drain.as_secs_f64();
+        let raw_rate = BACKLOG as f64 / raw_drain.as_secs_f64();
+        report.push(format!(
+        "backlog drain of {BACKLOG} events: daemon {:.0} events/s ({:.2} s from the first acknowledgement; start-up with the backlog {:.2} s, first delivery at {:.2} s); raw rumqttc QoS 1 {:.0} events/s ({:.2} s); ratio {:.2} (goal >= 0.5)",
+            ours_rate, drain.as_secs_f64(), started.as_secs_f64(), first_delivery.as_secs_f64(), raw_rate, raw_drain.as_secs_f64(), ours_rate / raw_rate
+        ));
+    }
+
+    // ---- idle cost ---------------------------------------------------------------------
+    if parts.contains("idle") {
+        let secs: u64 = std::env::var("ID06D_IDLE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(60);
+        let dir = work.path().join("idle");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut readers = String::new();
+        for r in 0..4 {
+            std::fs::write(dir.join(format!("r{r}.txt")), "at 0 absent\n").unwrap();
+            readers.push_str(&format!("[[reader]]\nname = \"r{r}\"\nkind = \"simulated\"\nscript = \"r{r}.txt\"\npoll_ms = 100\ndirection = \"in\"\n"));
+        }
+        let cfg = config(&dir, broker.port, &readers);
+        let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/id06d");
+        if binary.exists() {
+            let mut child = std::process::Command::new(&binary)
+                .args(["run", "--config"])
+                .arg(&cfg.source)
+                .env("RUST_LOG", "warn")
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_secs(3)); // start-up is not idle time
+            let ticks = |pid: u32| -> u64 {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+                let fields: Vec<&str> = stat
+                    .rsplit(')')
+                    .next()
+                    .unwrap()
+                    .split_whitespace()
+                    .collect();
+                fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+            };
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+            let start_ticks = ticks(child.id());
+            let t0 = Instant::now();
+            std::thread::sleep(Duration::from_secs(secs));
+            let cpu = (ticks(child.id()) - start_ticks) as f64 / hz;
+            let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+            let kb = |key: &str| {
+                status
+                    .lines()
+                    .find(|l| l.starts_with(key))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            report.push(format!(
+            "idle with 4 readers polling at 100 ms for {} s: CPU {:.2} % of one core, RSS {:.1} MB (peak {:.1} MB) (goals < 1 %, < 30 MB)",
+            secs,
+            cpu / t0.elapsed().as_secs_f64() * 100.0,
+            kb("VmRSS:") as f64 / 1024.0,
+            kb("VmHWM:") as f64 / 1024.0
+        ));
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        } else {
+            report.push(format!("idle cost not measured: build the release binary first ({} missing; cargo build --release -p id06d)", binary.display()));
+        }
+    }
+    c.final_summary();
+    println!("\n--- measured in this run ---");
+    for line in report {
+        println!("{line}");
+    }
+}
