@@ -279,7 +279,10 @@ impl MqttTask {
                     }
                 }
                 decision = self.decisions.recv() => {
-                    if let Some(payload) = decision {
+                    // Every decision waiting, then the events behind them (already durable)
+                    // in the same turn, so both go out back to back.
+                    let mut next = decision;
+                    while let Some(payload) = next {
                         if connected && drain_deadline.is_none() {
                             if self.publish_other(client, &mut window, self.topics.decision(), payload, false) {
                                 Counters::bump(&self.shared.counters.decisions_published);
@@ -290,6 +293,10 @@ impl MqttTask {
                             // A decision minutes late would open a door at the wrong time.
                             Counters::bump(&self.shared.counters.decisions_dropped);
                         }
+                        next = self.decisions.try_recv().ok();
+                    }
+                    if connected {
+                        self.fill(client, &mut window, max_published);
                     }
                 }
                 _ = self.shared.wake.notified() => {
