@@ -99,7 +99,9 @@ async fn raw_client(port: u16, id: &str, inflight: u16) -> (AsyncClient, rumqttc
 
 fn main() {
     if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .try_init();
     }
     let mut c = Criterion::default()
         .sample_size(20)
