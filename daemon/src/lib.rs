@@ -41,6 +41,7 @@ pub mod decide;
 pub mod demo;
 pub mod diskguard;
 pub mod index;
+pub mod metrics;
 pub mod mqtt;
 pub mod outbox;
 pub mod pipeline;

@@ -250,6 +250,26 @@ pub async fn run(
         injector: options.injector.then(|| reader_tx.clone()),
     };
     drop(reader_tx);
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let source = crate::metrics::MetricsSource {
+                shared: shared.clone(),
+                outbox: outbox.clone(),
+                blocklist: blocklist.clone(),
+            };
+            // Bind now, so that a taken port is a clear start-up error.
+            let listener_check = std::net::TcpListener::bind(addr).map_err(|e| {
+                RunError::Setup(format!("cannot listen for [metrics] on {addr}: {e}"))
+            })?;
+            drop(listener_check);
+            Some(tokio::spawn(async move {
+                if let Err(e) = crate::metrics::serve(addr, source).await {
+                    tracing::error!("the metrics endpoint stopped: {e}");
+                }
+            }))
+        }
+        None => None,
+    };
     on_started(&running);
     drop(running); // its injector must not keep the pipeline open
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
@@ -290,6 +310,9 @@ pub async fn run(
     pruner.abort();
     if let Some(w) = watchdog {
         w.abort();
+    }
+    if let Some(m) = metrics {
+        m.abort();
     }
     store.flush()?;
     tracing::info!(

@@ -4,5 +4,6 @@
 mod blocklist;
 mod cli;
 mod faults;
+mod ops;
 mod pipeline;
 mod support;

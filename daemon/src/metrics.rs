@@ -1,0 +1,162 @@
+//! The optional Prometheus endpoint (`[metrics] listen`): `GET /metrics` in the text
+//! exposition format. Meant for loopback; a tiny HTTP/1.0 responder, no framework.
+
+use crate::blocklist::Blocklist;
+use crate::outbox::Outbox;
+use crate::shared::{Counters, Shared};
+use id06_protocol::{DenyReason, ReaderState, UtcMillis};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// What the endpoint reports from.
+#[derive(Clone)]
+pub struct MetricsSource {
+    /// Counters and reader states.
+    pub shared: Arc<Shared>,
+    /// Outbox depth and age.
+    pub outbox: Outbox,
+    /// Blocklist version and age.
+    pub blocklist: Blocklist,
+}
+
+impl MetricsSource {
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        let c = &self.shared.counters;
+        let mut s = String::with_capacity(2048);
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        };
+        counter("id06d_taps_total", "Taps recorded.", Counters::get(&c.taps));
+        counter(
+            "id06d_duplicates_total",
+            "Presentations suppressed as duplicates.",
+            Counters::get(&c.duplicates),
+        );
+        counter(
+            "id06d_granted_total",
+            "Taps granted.",
+            Counters::get(&c.granted),
+        );
+        counter(
+            "id06d_delivered_total",
+            "Events acknowledged by the broker.",
+            Counters::get(&c.delivered),
+        );
+        counter(
+            "id06d_redelivered_total",
+            "Events published again after a reconnect or restart.",
+            Counters::get(&c.redelivered),
+        );
+        counter(
+            "id06d_decisions_dropped_total",
+            "Decisions not published (broker away).",
+            Counters::get(&c.decisions_dropped),
+        );
+        counter(
+            "id06d_storage_failures_total",
+            "Failed attempts to store taps.",
+            Counters::get(&c.storage_failures),
+        );
+        counter(
+            "id06d_blocklist_applied_total",
+            "Blocklist updates and snapshots applied.",
+            Counters::get(&c.blocklist_applied),
+        );
+        counter(
+            "id06d_blocklist_rejected_total",
+            "Blocklist updates and snapshots rejected.",
+            Counters::get(&c.blocklist_rejected),
+        );
+        let _ = writeln!(
+            s,
+            "# HELP id06d_denied_total Taps denied, by reason.\n# TYPE id06d_denied_total counter"
+        );
+        for r in DenyReason::ALL {
+            let _ = writeln!(
+                s,
+                "id06d_denied_total{{reason=\"{}\"}} {}",
+                r.as_str(),
+                Counters::get(c.denied_for(r))
+            );
+        }
+        let now = UtcMillis::now();
+        let _ = writeln!(s, "# HELP id06d_outbox_depth Events waiting for the broker.\n# TYPE id06d_outbox_depth gauge\nid06d_outbox_depth {}", self.outbox.depth());
+        let oldest = self
+            .outbox
+            .stats()
+            .ok()
+            .and_then(|st| st.oldest)
+            .map_or(0, |(_, at)| {
+                (now.as_millis() - at.as_millis()).max(0) / 1000
+            });
+        let _ = writeln!(s, "# HELP id06d_outbox_oldest_age_seconds Age of the oldest waiting event.\n# TYPE id06d_outbox_oldest_age_seconds gauge\nid06d_outbox_oldest_age_seconds {oldest}");
+        let index = self.blocklist.index();
+        let _ = writeln!(s, "# HELP id06d_blocklist_version Version of the blocklist in force.\n# TYPE id06d_blocklist_version gauge\nid06d_blocklist_version {}", index.version);
+        let _ = writeln!(s, "# HELP id06d_blocklist_cards Listed cards.\n# TYPE id06d_blocklist_cards gauge\nid06d_blocklist_cards {}", index.len());
+        let age = index.age_s(now).map_or(-1, |a| a as i64);
+        let _ = writeln!(s, "# HELP id06d_blocklist_age_seconds Seconds since the list was confirmed (-1: never).\n# TYPE id06d_blocklist_age_seconds gauge\nid06d_blocklist_age_seconds {age}");
+        let _ = writeln!(s, "# HELP id06d_reader_recoveries_total Reader recoveries since start.\n# TYPE id06d_reader_recoveries_total counter");
+        let readers = self.shared.reader_states();
+        for (name, st) in &readers {
+            let _ = writeln!(
+                s,
+                "id06d_reader_recoveries_total{{reader=\"{name}\"}} {}",
+                st.recoveries
+            );
+        }
+        let _ = writeln!(s, "# HELP id06d_reader_up Whether the reader answers (1) or not (0).\n# TYPE id06d_reader_up gauge");
+        for (name, st) in &readers {
+            let _ = writeln!(
+                s,
+                "id06d_reader_up{{reader=\"{name}\"}} {}",
+                u8::from(st.state == ReaderState::Ok)
+            );
+        }
+        s
+    }
+}
+
+/// Serves `GET /metrics` on `addr` until the task is dropped.
+pub async fn serve(addr: SocketAddr, source: MetricsSource) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    loop {
+        let (mut stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!("metrics accept failed: {e}");
+                continue;
+            }
+        };
+        let source = source.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = match tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                stream.read(&mut buf),
+            )
+            .await
+            {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) =
+                if request.starts_with("GET /metrics ") || request.starts_with("GET /metrics\r") {
+                    ("200 OK", source.render())
+                } else {
+                    ("404 Not Found", "only /metrics is here\n".to_string())
+                };
+            let response = format!(
+                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}

@@ -1,0 +1,177 @@
+//! What an installer relies on: the Prometheus endpoint, the Debian package, and the
+//! systemd unit as systemd's own tools judge it.
+
+use crate::support::*;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// The whole response, or "" while nothing listens yet.
+fn http_get(port: u16, path: &str) -> String {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn metrics_count_taps_decisions_and_delivery() {
+    let dir = scratch();
+    let broker = broker(dir.path());
+    let port = id06d::broker::free_port().unwrap();
+    write_script(
+        dir.path(),
+        "s.txt",
+        "at 0 present 04A10000000001\nat 300 absent\nat 600 present 04B10000000002\nat 900 absent\nat 1200 end\n",
+    );
+    let config = TestConfig::write(
+        dir.path(),
+        &broker.url(),
+        &format!("[[reader]]\nname = \"gate\"\nkind = \"simulated\"\nscript = \"s.txt\"\ndirection = \"in\"\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let csv = dir.path().join("l.csv");
+    std::fs::write(&csv, "04B10000000002,suspended\n").unwrap();
+    let (code, _, err) = id06d(&[
+        "blocklist",
+        "import",
+        csv.to_str().unwrap(),
+        "--config",
+        config.path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let mut daemon = Daemon::start(&config);
+    let mut text = String::new();
+    wait_for(
+        "two delivered taps in the metrics",
+        Duration::from_secs(20),
+        || {
+            text = http_get(port, "/metrics");
+            text.contains("id06d_delivered_total 2")
+        },
+    );
+    assert!(text.starts_with("HTTP/1.0 200 OK"), "{text}");
+    for line in [
+        "id06d_taps_total 2",
+        "id06d_granted_total 1",
+        "id06d_denied_total{reason=\"suspended\"} 1",
+        "id06d_outbox_depth 0",
+        "id06d_blocklist_version 1",
+        "id06d_blocklist_cards 1",
+        "id06d_reader_recoveries_total{reader=\"gate\"} 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    assert!(http_get(port, "/other").starts_with("HTTP/1.0 404"));
+    assert_eq!(daemon.terminate(), Some(0));
+}
+
+#[test]
+fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
+    let dir = scratch();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(root.join("packaging/build-deb.sh"))
+        .args(["--binary", ID06D, "--out"])
+        .arg(dir.path())
+        .output()
+        .expect("run build-deb.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deb = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let contents = Command::new("dpkg-deb")
+        .args(["--contents", &deb])
+        .output()
+        .unwrap();
+    let contents = String::from_utf8_lossy(&contents.stdout);
+    for (mode, path) in [
+        ("-rwxr-xr-x", "./usr/bin/id06d"),
+        ("-rw-r--r--", "./lib/systemd/system/id06d.service"),
+        ("-rw-r-----", "./etc/id06d/id06d.toml"),
+        ("-rw-r--r--", "./usr/share/doc/id06d/README.md"),
+    ] {
+        assert!(
+            contents
+                .lines()
+                .any(|l| l.starts_with(mode) && l.ends_with(path)),
+            "{path} ({mode}) missing from\n{contents}"
+        );
+    }
+    let field = |f: &str| {
+        let o = Command::new("dpkg-deb")
+            .args(["--field", &deb, f])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    assert_eq!(field("Package"), "id06d");
+    assert!(field("Depends").contains("libc6") && field("Depends").contains("adduser"));
+    let x = dir.path().join("x");
+    let st = Command::new("dpkg-deb")
+        .args(["--control", &deb])
+        .arg(&x)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(
+        std::fs::read_to_string(x.join("conffiles")).unwrap().trim(),
+        "/etc/id06d/id06d.toml"
+    );
+    let postinst = std::fs::read_to_string(x.join("postinst")).unwrap();
+    assert!(postinst.contains("adduser --system --group"), "{postinst}");
+    // The packaged example configuration is valid.
+    let cfg = dir.path().join("id06d.toml");
+    std::fs::copy(root.join("systemd/id06d.toml"), &cfg).unwrap();
+    let (code, _, err) = id06d(&["check-config", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn systemd_accepts_the_unit_and_rates_its_exposure_below_2() {
+    let dir = scratch();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // Point the unit at the binary under test (systemd checks that it exists).
+    let unit = std::fs::read_to_string(root.join("systemd/id06d.service"))
+        .unwrap()
+        .replace("/usr/bin/id06d", ID06D);
+    let path = dir.path().join("id06d.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian: systemd)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        !text.contains("id06d.service:"),
+        "systemd complains about the unit: {text}"
+    );
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = text
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for id06d.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure score in\n{text}"));
+    eprintln!("systemd-analyze security: exposure {score}");
+    assert!(score < 2.0, "exposure {score}");
+}
