@@ -12,6 +12,7 @@ PACKAGES=(
   vsmartcard-vpcd pcsc-tools           # virtual PC/SC readers for the tests
   libudev-dev                          # serial port enumeration (serialport's libudev)
   socat libnfc-bin                     # ptys and libnfc's reference host for the PN532 tests
+  systemd binutils                     # systemd-analyze for the unit; objdump for the .deb
 )
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
