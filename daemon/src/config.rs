@@ -414,6 +414,14 @@ impl Config {
             Some(s) => loc.at(s.span(), m),
             None => loc.whole(m),
         })?;
+        if tls {
+            // Never connect in clear to a broker that was meant to be reached over TLS.
+            let m = "[mqtt] url: mqtts:// (TLS) is not supported by this build yet; use mqtt:// on a trusted network or a local TLS-terminating broker";
+            return Err(match &url_spanned {
+                Some(s) => loc.at(s.span(), m),
+                None => loc.whole(m),
+            });
+        }
         let topic_prefix = match &raw.mqtt.topic_prefix {
             Some(p) => {
                 let v = p.get_ref().trim_end_matches('/').to_string();
@@ -839,6 +847,14 @@ direction = "out"
         ] {
             assert!(parse_broker_url(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn tls_urls_are_refused_until_tls_is_supported() {
+        let e = load(&GOOD.replace("mqtt://127.0.0.1:1883", "mqtts://broker:8883"))
+            .unwrap_err()
+            .0;
+        assert!(e.contains(":7:") && e.contains("not supported"), "{e}");
     }
 
     #[test]

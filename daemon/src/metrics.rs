@@ -120,9 +120,17 @@ impl MetricsSource {
     }
 }
 
-/// Serves `GET /metrics` on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, source: MetricsSource) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
+/// Binds the endpoint's socket (port 0 picks a free port; the log says which).
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Serves `GET /metrics` on a bound socket until the task is dropped.
+pub async fn serve(listener: std::net::TcpListener, source: MetricsSource) -> std::io::Result<()> {
+    let listener = TcpListener::from_std(listener)?;
+    let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "metrics at http://{addr}/metrics");
     loop {
         let (mut stream, _) = match listener.accept().await {

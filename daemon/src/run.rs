@@ -258,12 +258,11 @@ pub async fn run(
                 blocklist: blocklist.clone(),
             };
             // Bind now, so that a taken port is a clear start-up error.
-            let listener_check = std::net::TcpListener::bind(addr).map_err(|e| {
+            let listener = crate::metrics::bind(addr).map_err(|e| {
                 RunError::Setup(format!("cannot listen for [metrics] on {addr}: {e}"))
             })?;
-            drop(listener_check);
             Some(tokio::spawn(async move {
-                if let Err(e) = crate::metrics::serve(addr, source).await {
+                if let Err(e) = crate::metrics::serve(listener, source).await {
                     tracing::error!("the metrics endpoint stopped: {e}");
                 }
             }))

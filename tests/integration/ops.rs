@@ -13,7 +13,9 @@ fn http_get(port: u16, path: &str) -> String {
         return String::new();
     };
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    if write!(s, "GET {path} HTTP/1.0\r\n\r\n").is_err() {
+        return String::new();
+    }
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
@@ -23,7 +25,6 @@ fn http_get(port: u16, path: &str) -> String {
 fn metrics_count_taps_decisions_and_delivery() {
     let dir = scratch();
     let broker = broker(dir.path());
-    let port = id06d::broker::free_port().unwrap();
     write_script(
         dir.path(),
         "s.txt",
@@ -32,7 +33,7 @@ fn metrics_count_taps_decisions_and_delivery() {
     let config = TestConfig::write(
         dir.path(),
         &broker.url(),
-        &format!("[[reader]]\nname = \"gate\"\nkind = \"simulated\"\nscript = \"s.txt\"\ndirection = \"in\"\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+        &format!("[[reader]]\nname = \"gate\"\nkind = \"simulated\"\nscript = \"s.txt\"\ndirection = \"in\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n"),
     );
     let csv = dir.path().join("l.csv");
     std::fs::write(&csv, "04B10000000002,suspended\n").unwrap();
@@ -45,6 +46,22 @@ fn metrics_count_taps_decisions_and_delivery() {
     ]);
     assert_eq!(code, 0, "{err}");
     let mut daemon = Daemon::start(&config);
+    // Port 0: the daemon picks a free port and logs it (no race with other tests' ports).
+    let mut port = 0u16;
+    wait_for(
+        "the metrics address in the log",
+        Duration::from_secs(20),
+        || {
+            port = daemon
+                .log_text()
+                .split("metrics at http://127.0.0.1:")
+                .nth(1)
+                .and_then(|t| t.split('/').next())
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            port != 0
+        },
+    );
     let mut text = String::new();
     wait_for(
         "two delivered taps in the metrics",
