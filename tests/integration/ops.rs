@@ -33,7 +33,7 @@ fn metrics_count_taps_decisions_and_delivery() {
     let config = TestConfig::write(
         dir.path(),
         &broker.url(),
-        &format!("[[reader]]\nname = \"gate\"\nkind = \"simulated\"\nscript = \"s.txt\"\ndirection = \"in\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n"),
+        "[[reader]]\nname = \"gate\"\nkind = \"simulated\"\nscript = \"s.txt\"\ndirection = \"in\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
     );
     let csv = dir.path().join("l.csv");
     std::fs::write(&csv, "04B10000000002,suspended\n").unwrap();
