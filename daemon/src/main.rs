@@ -400,25 +400,7 @@ fn blocklist(command: BlocklistCommand) -> Result<(), Failure> {
             config,
         } => {
             let config = load_config(&config)?;
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| usage(format!("cannot read {}: {e}", file.display())))?;
-            let entries = parse_csv(&text).map_err(|problems| {
-                let shown: Vec<String> = problems
-                    .iter()
-                    .take(20)
-                    .map(|p| format!("{}:{}: {}", file.display(), p.line, p.message))
-                    .collect();
-                let more = problems.len().saturating_sub(20);
-                let mut m = format!(
-                    "nothing imported: {} bad line(s)\n{}",
-                    problems.len(),
-                    shown.join("\n")
-                );
-                if more > 0 {
-                    m.push_str(&format!("\n… and {more} more"));
-                }
-                usage(m)
-            })?;
+            let entries = read_csv(&file, "nothing imported")?;
             let store = open_store(&config)?;
             let bl = Blocklist::open(&store.db, &store.dir).map_err(|e| runtime(e.to_string()))?;
             let current = bl.index().version;
@@ -532,18 +514,7 @@ fn blocklist(command: BlocklistCommand) -> Result<(), Failure> {
             config,
         } => {
             let config = load_config(&config)?;
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| usage(format!("cannot read {}: {e}", file.display())))?;
-            let entries = parse_csv(&text).map_err(|problems| {
-                let first = &problems[0];
-                usage(format!(
-                    "{}:{}: {} ({} bad line(s); nothing published)",
-                    file.display(),
-                    first.line,
-                    first.message,
-                    problems.len()
-                ))
-            })?;
+            let entries = read_csv(&file, "nothing published")?;
             let topics = id06_protocol::Topics::new(
                 &config.mqtt.topic_prefix,
                 &config.site_id,
@@ -602,6 +573,31 @@ fn blocklist(command: BlocklistCommand) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// Reads a `uid,status` CSV file; every bad line is named (the first 20 shown).
+fn read_csv(
+    file: &Path,
+    outcome: &str,
+) -> Result<Vec<(CardUid, id06_protocol::CardStatus)>, Failure> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| usage(format!("cannot read {}: {e}", file.display())))?;
+    parse_csv(&text).map_err(|problems| {
+        let shown: Vec<String> = problems
+            .iter()
+            .take(20)
+            .map(|p| format!("{}:{}: {}", file.display(), p.line, p.message))
+            .collect();
+        let mut m = format!(
+            "{outcome}: {} bad line(s)\n{}",
+            problems.len(),
+            shown.join("\n")
+        );
+        if problems.len() > 20 {
+            m.push_str(&format!("\n… and {} more", problems.len() - 20));
+        }
+        usage(m)
+    })
 }
 
 fn read_password(config: &Config) -> Result<Option<String>, Failure> {
