@@ -24,8 +24,14 @@ pub fn spawn_reader(
                 simulated::run(&name, script, poll, sink, shutdown).await
             }
             DriverSettings::Pcsc { .. } => not_yet(&sink).await,
-            DriverSettings::Pn532 { .. } => not_yet(&sink).await,
-            DriverSettings::Line { .. } => not_yet(&sink).await,
+            DriverSettings::Pn532 { path, baud, poll } => {
+                let options = id06_readers::pn532::Pn532Options::new(path, baud, poll);
+                id06_readers::pn532::run(&name, options, sink, shutdown).await
+            }
+            DriverSettings::Line { path, baud } => {
+                let options = id06_readers::line::LineOptions { path, baud };
+                id06_readers::line::run(&name, options, sink, shutdown).await
+            }
         };
         if result.is_err() {
             tracing::debug!(reader = %name, "reader stopped: the daemon is shutting down");

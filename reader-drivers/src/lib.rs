@@ -17,6 +17,8 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod line;
+pub mod pn532;
 pub mod simulated;
 
 use id06_protocol::{CardUid, ReaderState};
