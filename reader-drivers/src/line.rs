@@ -218,6 +218,120 @@ mod tests {
         CardUid::parse(s).unwrap()
     }
 
+    use crate::ReaderMessage;
+    use tokio::io::AsyncWriteExt;
+    use tokio_serial::{SerialPort, SerialStream};
+
+    const WAIT: Duration = Duration::from_secs(20);
+
+    /// The next report from the driver, with a deadline.
+    async fn next(rx: &mut tokio::sync::mpsc::Receiver<ReaderMessage>) -> Report {
+        tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("a report in time")
+            .expect("the driver is running")
+            .report
+    }
+
+    async fn next_observation(rx: &mut tokio::sync::mpsc::Receiver<ReaderMessage>) -> Observation {
+        loop {
+            if let Report::Observed(o) = next(rx).await {
+                return o;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn over_a_pty_good_lines_are_cards_garbage_is_not_and_a_lost_port_is_reopened() {
+        let dir = std::env::temp_dir().join(format!("id06-line-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let link = dir.join("ttyLINE");
+        let (mut master, slave) = SerialStream::pair().unwrap();
+        std::os::unix::fs::symlink(slave.name().unwrap(), &link).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(
+            "side-door",
+            LineOptions {
+                path: link.clone(),
+                baud: 9600,
+            },
+            ReaderSink::new(2, tx),
+            shutdown.clone(),
+        ));
+        assert!(matches!(next(&mut rx).await, Report::Device(d) if d.contains("9600 baud")));
+        assert_eq!(
+            next(&mut rx).await,
+            Report::Health {
+                state: ReaderState::Ok,
+                error: None
+            }
+        );
+        // LF, CR, CRLF, separators and lower case; garbage between them; one line split
+        // across two writes.
+        master
+            .write_all(
+                b"04A1B2C3D4E5F6\nnot a card\r04:a1:b2:c3:d4:e5:f7\r\n\x00\x17garbage\n04 a1 b2",
+            )
+            .await
+            .unwrap();
+        master.flush().await.unwrap();
+        master
+            .write_all(b" c3 d4 e5 f8\r\nDEADBEEF\r\n")
+            .await
+            .unwrap();
+        master.flush().await.unwrap();
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(next_observation(&mut rx).await);
+        }
+        assert_eq!(
+            got,
+            vec![
+                Observation::Card(uid("04A1B2C3D4E5F6")),
+                Observation::Card(uid("04A1B2C3D4E5F7")),
+                Observation::Card(uid("04A1B2C3D4E5F8")),
+                Observation::Card(uid("DEADBEEF")),
+            ],
+            "the garbage lines between them are no cards"
+        );
+
+        // The adapter goes away: absent; it comes back: ok again and reading.
+        drop(master);
+        drop(slave);
+        std::fs::remove_file(&link).unwrap();
+        loop {
+            match next(&mut rx).await {
+                Report::Health {
+                    state: ReaderState::Absent,
+                    ..
+                } => break,
+                Report::Observed(o) => panic!("no observation while unplugged: {o:?}"),
+                _ => {}
+            }
+        }
+        let (mut master, slave) = SerialStream::pair().unwrap();
+        std::os::unix::fs::symlink(slave.name().unwrap(), &link).unwrap();
+        loop {
+            if let Report::Health { state, .. } = next(&mut rx).await {
+                assert_eq!(state, ReaderState::Ok);
+                break;
+            }
+        }
+        master.write_all(b"08A1B2C3\n").await.unwrap();
+        master.flush().await.unwrap();
+        assert_eq!(
+            next_observation(&mut rx).await,
+            Observation::Card(uid("08A1B2C3"))
+        );
+
+        shutdown.cancel();
+        let result = tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+        assert_eq!(result, Ok(()));
+        drop(slave);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn cr_lf_and_crlf_end_lines_and_spellings_are_normalised() {
         let mut d = LineDecoder::new();

@@ -742,4 +742,111 @@ mod tests {
         );
         assert!(check_status(&[], "InRelease").is_err());
     }
+
+    /// A valid frame as the decoder must return it, and its bytes on the wire.
+    fn arb_frame() -> impl proptest::strategy::Strategy<Value = (Frame, Vec<u8>)> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just((Frame::Ack, ACK.to_vec())),
+            Just((Frame::Nack, NACK.to_vec())),
+            Just((Frame::Error, ERROR_FRAME.to_vec())),
+            (
+                prop_oneof![Just(TFI_HOST), Just(TFI_CHIP), any::<u8>()],
+                proptest::collection::vec(any::<u8>(), 0..MAX_INFORMATION_LEN)
+            )
+                .prop_map(|(tfi, data)| {
+                    let bytes = encode_information(tfi, &data).unwrap();
+                    let frame = if tfi == TFI_ERROR && data.is_empty() {
+                        Frame::Error
+                    } else {
+                        Frame::Information { tfi, data }
+                    };
+                    (frame, bytes)
+                }),
+        ]
+    }
+
+    /// Noise rich in `00` and `FF`, so that false start codes and headers are common.
+    fn arb_noise(max: usize) -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        proptest::collection::vec(prop_oneof![Just(0x00u8), Just(0xFFu8), any::<u8>()], 0..max)
+    }
+
+    /// Feeds `bytes` in pieces of `chunk` bytes and drains the decoder, giving up on a
+    /// stuck candidate at the end as a driver does at its deadline. Returns every result
+    /// but NeedMore, with its span.
+    fn drain(bytes: &[u8], chunk: usize) -> Vec<(Decoded, Range<u64>)> {
+        let mut d = Decoder::new();
+        let mut out = Vec::new();
+        for piece in bytes.chunks(chunk.max(1)) {
+            d.feed(piece);
+            loop {
+                match d.decode() {
+                    Decoded::NeedMore => break,
+                    x => out.push((x, d.last_span())),
+                }
+                assert!(d.buffered() <= bytes.len());
+            }
+            // Never more held back than the longest frame and one read.
+            assert!(d.buffered() <= MAX_INFORMATION_LEN + 8 + chunk.max(1));
+        }
+        while d.abandon_candidate() {
+            loop {
+                match d.decode() {
+                    Decoded::NeedMore => break,
+                    x => out.push((x, d.last_span())),
+                }
+            }
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_in_arbitrary_pieces_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2000),
+            chunk in 1usize..64,
+        ) {
+            let results = drain(&bytes, chunk);
+            for (_, span) in results {
+                proptest::prop_assert!(span.end <= bytes.len() as u64);
+            }
+        }
+
+        #[test]
+        fn any_valid_frame_in_noise_is_found(
+            (frame, wire) in arb_frame(),
+            before in arb_noise(600),
+            after in arb_noise(40),
+            chunk in 1usize..80,
+        ) {
+            let mut stream = before.clone();
+            stream.extend_from_slice(&wire);
+            stream.extend_from_slice(&after);
+            // The frame's start code follows its preamble byte.
+            let start = before.len() as u64 + 1;
+            let end = before.len() as u64 + wire.len() as u64 - 1;
+            let results = drain(&stream, chunk);
+            let found = results.iter().any(|(d, span)| {
+                *d == Decoded::Frame(frame.clone()) && span.start == start
+            });
+            // The only way to miss it: noise before it that forms a complete, valid frame
+            // running into it (the line cannot tell that apart from a real frame).
+            let swallowed = results.iter().any(|(d, span)| {
+                matches!(d, Decoded::Frame(_)) && span.start < start && span.end > start
+            });
+            proptest::prop_assert!(found || swallowed, "frame {:?} at {}..{} not found: {:?}", frame, start, end, results);
+        }
+
+        #[test]
+        fn frames_back_to_back_in_any_pieces_all_come_out_in_order(
+            frames in proptest::collection::vec(arb_frame(), 1..8),
+            chunk in 1usize..40,
+        ) {
+            let stream: Vec<u8> = frames.iter().flat_map(|(_, w)| w.clone()).collect();
+            let got: Vec<Decoded> = drain(&stream, chunk).into_iter().map(|(d, _)| d).collect();
+            let want: Vec<Decoded> = frames.into_iter().map(|(f, _)| Decoded::Frame(f)).collect();
+            proptest::prop_assert_eq!(got, want);
+        }
+    }
 }
