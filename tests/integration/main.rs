@@ -6,4 +6,5 @@ mod cli;
 mod faults;
 mod ops;
 mod pipeline;
+mod serial;
 mod support;

@@ -102,10 +102,6 @@ enum Out {
 impl Chip {
     /// Takes bytes from the host; returns what to write back.
     fn receive(&mut self, bytes: &[u8], control: &mut Control) -> Vec<Out> {
-        if control.silent {
-            self.decoder.clear();
-            return Vec::new();
-        }
         let mut prev = self.last_byte;
         let mut woken_at = None;
         for (i, b) in bytes.iter().enumerate() {
@@ -116,6 +112,10 @@ impl Chip {
             prev = *b;
         }
         self.last_byte = prev;
+        if control.silent {
+            self.decoder.clear();
+            return Vec::new();
+        }
         if control.asleep {
             match woken_at {
                 // Asleep: everything before the wake-up is lost.
@@ -350,6 +350,42 @@ impl Emulator {
 impl Drop for Emulator {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// The far end of a pty for line-reader tests: what is written here arrives at the device
+/// a driver opened. Dropping it removes the device, like unplugging the reader.
+#[derive(Debug)]
+pub struct PtyPeer {
+    master: SerialStream,
+    _slave: SerialStream,
+    path: PathBuf,
+}
+
+impl PtyPeer {
+    /// A new pty (inside a Tokio runtime).
+    pub fn open() -> std::io::Result<PtyPeer> {
+        let (master, slave) = SerialStream::pair().map_err(std::io::Error::from)?;
+        let path = slave
+            .name()
+            .map(PathBuf::from)
+            .ok_or_else(|| std::io::Error::other("the pty has no slave name"))?;
+        Ok(PtyPeer {
+            master,
+            _slave: slave,
+            path,
+        })
+    }
+
+    /// The device a driver opens (`/dev/pts/N`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Sends bytes to the device.
+    pub async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.master.write_all(bytes).await?;
+        self.master.flush().await
     }
 }
 
