@@ -136,6 +136,22 @@ mod tests {
         assert_eq!(b.next_wait(), ms(100));
     }
 
+    #[test]
+    fn listed_ports_are_devices_that_exist() {
+        for line in list_ports() {
+            let path = line
+                .trim_start()
+                .trim_start_matches("also ")
+                .split(' ')
+                .next()
+                .unwrap_or("");
+            assert!(
+                path.starts_with("/dev/") && Path::new(path).exists(),
+                "{line}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn opening_a_missing_device_says_it_is_missing() {
         let dir = std::env::temp_dir().join(format!("id06-no-such-tty-{}", std::process::id()));
