@@ -251,8 +251,9 @@ impl Link {
                 command: "GetFirmwareVersion",
                 source,
             })?;
+        // All finite: FF would make InListPassiveTarget wait until a card comes.
         self.transact(&Command::MaxRetries {
-            atr: 0xFF,
+            atr: 0x01,
             psl: 0x01,
             passive_activation: 0x01,
         })
