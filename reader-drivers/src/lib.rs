@@ -18,8 +18,11 @@
 #![deny(missing_docs)]
 
 pub mod line;
+pub mod pcsc;
 pub mod pn532;
 pub mod simulated;
+#[cfg(any(test, feature = "test-support"))]
+pub mod vpcd_card;
 
 use id06_protocol::{CardUid, ReaderState};
 use std::time::Instant;
