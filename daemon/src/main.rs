@@ -260,29 +260,20 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Readers => {
-            println!("PC/SC readers: none known to this build yet (kind = \"pcsc\" arrives with the PC/SC driver)");
-            println!("Serial ports:");
-            let mut any = false;
-            if let Ok(entries) = std::fs::read_dir("/dev") {
-                let mut names: Vec<String> = entries
-                    .filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| {
-                        n.starts_with("ttyUSB")
-                            || n.starts_with("ttyACM")
-                            || n.starts_with("ttyAMA")
-                            || n.starts_with("serial")
-                    })
-                    .collect();
-                names.sort();
-                for n in names {
-                    any = true;
-                    println!("  /dev/{n}");
+            println!("PC/SC readers (kind = \"pcsc\", match = a part of the name):");
+            match id06_readers::pcsc::list_readers() {
+                Ok(names) if names.is_empty() => {
+                    println!("  none: pcscd runs but sees no reader (is one plugged in?)")
                 }
+                Ok(names) => names.iter().for_each(|n| println!("  {n}")),
+                Err(e) => println!("  none: {e}"),
             }
-            if !any {
+            println!("Serial ports (kind = \"pn532\" or \"line\", path = …):");
+            let ports = id06_readers::pn532::list_ports();
+            if ports.is_empty() {
                 println!("  none found");
             }
+            ports.iter().for_each(|p| println!("  {p}"));
             Ok(())
         }
         Command::Blocklist { command } => blocklist(command),

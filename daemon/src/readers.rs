@@ -2,8 +2,7 @@
 //! named OS thread inside the driver) per reader, all reporting into one bounded channel.
 
 use crate::config::{DriverSettings, ReaderSettings};
-use id06_protocol::ReaderState;
-use id06_readers::{simulated, CancellationToken, ReaderMessage, ReaderSink, Report};
+use id06_readers::{simulated, CancellationToken, ReaderMessage, ReaderSink};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -23,7 +22,10 @@ pub fn spawn_reader(
             DriverSettings::Simulated { script, poll, .. } => {
                 simulated::run(&name, script, poll, sink, shutdown).await
             }
-            DriverSettings::Pcsc { .. } => not_yet(&sink).await,
+            DriverSettings::Pcsc { pattern } => {
+                let options = id06_readers::pcsc::PcscOptions::new(pattern);
+                id06_readers::pcsc::run(&name, options, sink, shutdown).await
+            }
             DriverSettings::Pn532 { path, baud, poll } => {
                 let options = id06_readers::pn532::Pn532Options::new(path, baud, poll);
                 id06_readers::pn532::run(&name, options, sink, shutdown).await
@@ -37,13 +39,4 @@ pub fn spawn_reader(
             tracing::debug!(reader = %name, "reader stopped: the daemon is shutting down");
         }
     })
-}
-
-/// Placeholder for a kind whose driver is not in this build: says so on the reader topic.
-async fn not_yet(sink: &ReaderSink) -> Result<(), id06_readers::SinkClosed> {
-    sink.send(Report::Health {
-        state: ReaderState::Failed,
-        error: Some("this reader kind is not supported by this build yet".into()),
-    })
-    .await
 }

@@ -5,6 +5,7 @@ mod blocklist;
 mod cli;
 mod faults;
 mod ops;
+mod pcsc;
 mod pipeline;
 mod serial;
 mod support;

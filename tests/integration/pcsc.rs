@@ -1,0 +1,271 @@
+//! PC/SC readers through the whole daemon: a real pcscd with vpcd's virtual readers, the test
+//! playing the card over vpcd's TCP protocol (`id06_readers::vpcd_card`), events checked on
+//! `P/event` of a real mosquitto.
+//!
+//! pcscd is one per machine and vpcd's ports are fixed, so these tests run one at a time
+//! (also against the driver's own tests in another process) under `vpcd_card::exclusive`.
+//! pcscd notices a card coming or going by polling vpcd every 400 ms; the tests wait for
+//! conditions, never for that period.
+
+use crate::support::*;
+use id06_protocol::CardUid;
+use id06_readers::vpcd_card::{
+    ensure_pcscd, exclusive, kill_pcscd, start_pcscd, wait_slot_empty, CardBehaviour, PcscTestLock,
+    VirtualCard, SLOT_0,
+};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const UID4: [u8; 4] = [0x04, 0xA1, 0xB2, 0xC3];
+const UID7: [u8; 7] = [0x04, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66];
+const LONG: Duration = Duration::from_secs(30);
+
+fn uid(bytes: &[u8]) -> CardUid {
+    CardUid::from_bytes(bytes).expect("a valid UID")
+}
+
+/// Exclusive use of pcscd, which runs and shows vpcd's first reader with no card in it.
+fn setup() -> PcscTestLock {
+    let lock = exclusive().expect("exclusive use of pcscd");
+    ensure_pcscd().expect("pcscd with vpcd");
+    assert!(wait_slot_empty(SLOT_0), "vpcd's first reader is empty");
+    lock
+}
+
+fn pcsc_config(dir: &Path, url: &str) -> TestConfig {
+    TestConfig::write(
+        dir,
+        url,
+        &format!(
+            r#"
+[[reader]]
+name = "turnstile"
+kind = "pcsc"
+match = "{}"
+direction = "in"
+"#,
+            SLOT_0.reader
+        ),
+    )
+}
+
+fn insert(behaviour: CardBehaviour) -> VirtualCard {
+    VirtualCard::insert(SLOT_0, behaviour).expect("vpcd takes the virtual card")
+}
+
+/// The card lies on the reader for `time` (the test's action, not a wait for the daemon).
+fn present(bytes: &[u8], time: Duration) {
+    let card = insert(CardBehaviour::uid(bytes));
+    std::thread::sleep(time);
+    card.remove();
+    assert!(wait_slot_empty(SLOT_0), "pcscd sees the card go");
+}
+
+struct Gate {
+    sub: Subscriber,
+    daemon: Daemon,
+    base: String,
+    _broker: LocalBroker,
+    _dir: tempfile::TempDir,
+}
+
+impl Gate {
+    fn start(client: &str) -> Gate {
+        let dir = scratch();
+        let broker = broker(dir.path());
+        let config = pcsc_config(dir.path(), &broker.url());
+        let base = config.base();
+        let sub = Subscriber::start(
+            broker.port,
+            client,
+            &[
+                &format!("{base}/event"),
+                &format!("{base}/decision"),
+                &format!("{base}/reader/turnstile"),
+            ],
+        );
+        let daemon = Daemon::start(&config);
+        Gate {
+            sub,
+            daemon,
+            base,
+            _broker: broker,
+            _dir: dir,
+        }
+    }
+
+    fn events(&self) -> Vec<id06_protocol::Event> {
+        self.sub.events(&format!("{}/event", self.base))
+    }
+
+    fn reader_topic(&self) -> String {
+        format!("{}/reader/turnstile", self.base)
+    }
+
+    fn reader(&self) -> serde_json::Value {
+        self.sub
+            .last_json(&self.reader_topic())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    fn reader_state(&self) -> String {
+        self.reader()["state"].as_str().unwrap_or("").to_string()
+    }
+
+    fn wait_state(&self, state: &str) {
+        wait_for(&format!("the reader to be {state}"), LONG, || {
+            self.reader_state() == state
+        });
+    }
+
+    fn wait_event_of(&self, bytes: &[u8]) {
+        let wanted = uid(bytes);
+        wait_for(&format!("an event for {wanted}"), LONG, || {
+            self.events().iter().any(|e| e.card_uid == wanted)
+        });
+    }
+
+    fn uids(&self) -> Vec<CardUid> {
+        self.events().iter().map(|e| e.card_uid).collect()
+    }
+}
+
+#[test]
+fn pcsc_two_cards_presented_for_a_second_each_are_one_event_each_with_the_right_uid() {
+    let _exclusive = setup();
+    let mut gate = Gate::start("ledger-pcsc-two");
+    gate.wait_state("ok");
+    assert_eq!(gate.reader()["device"], SLOT_0.reader);
+
+    present(&UID4, Duration::from_secs(1));
+    gate.wait_event_of(&UID4);
+    present(&UID7, Duration::from_secs(1));
+    gate.wait_event_of(&UID7);
+
+    // A card lying for a second is read about five times; the second card's event marks
+    // the end, so nothing more of the first can still be on its way.
+    let events = gate.events();
+    assert_eq!(gate.uids(), vec![uid(&UID4), uid(&UID7)], "{events:?}");
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+    for e in &events {
+        assert_eq!(e.reader, "turnstile");
+        assert_eq!(e.direction.as_str(), "in");
+    }
+    assert_eq!(gate.daemon.terminate(), Some(0));
+}
+
+#[test]
+fn pcsc_waved_card_is_one_tap_and_the_hold_steady_hint() {
+    let _exclusive = setup();
+    let mut gate = Gate::start("ledger-pcsc-wave");
+    gate.wait_state("ok");
+
+    // Five passes through the field: the first is read, the other four leave while the
+    // reader is still reading them. Each pass is as short as the virtual stack lets it be:
+    // in until the reader has touched the card, then out.
+    let started = Instant::now();
+    let first = insert(CardBehaviour::uid(&UID4));
+    wait_for("the first pass to be read", LONG, || first.apdus() >= 1);
+    first.remove();
+    for _ in 0..4 {
+        let pass = insert(CardBehaviour::LeaveMidRead);
+        wait_for("the reader to touch the card", LONG, || pass.is_gone());
+    }
+    let waving = started.elapsed();
+    wait_for("the hold_steady hint", LONG, || {
+        gate.sub
+            .json_on(&gate.reader_topic())
+            .iter()
+            .any(|v| v["hint"] == "hold_steady")
+    });
+    eprintln!("five passes took {waving:?}");
+    assert!(wait_slot_empty(SLOT_0));
+
+    // Another card marks the end: everything of the waving has been processed before it.
+    present(&UID7, Duration::from_millis(600));
+    gate.wait_event_of(&UID7);
+    assert_eq!(
+        gate.uids(),
+        vec![uid(&UID4), uid(&UID7)],
+        "one tap for the waving"
+    );
+    assert!(gate.daemon.is_running());
+    assert_eq!(gate.daemon.terminate(), Some(0));
+}
+
+#[test]
+fn pcsc_card_removed_in_the_middle_of_the_read_is_no_event_and_no_crash() {
+    let _exclusive = setup();
+    let mut gate = Gate::start("ledger-pcsc-midread");
+    gate.wait_state("ok");
+
+    let card = insert(CardBehaviour::LeaveMidRead);
+    wait_for("the card to leave during the read", LONG, || card.is_gone());
+    drop(card);
+    assert!(wait_slot_empty(SLOT_0), "pcscd sees the card go");
+
+    present(&UID4, Duration::from_millis(600));
+    gate.wait_event_of(&UID4);
+    assert_eq!(gate.uids(), vec![uid(&UID4)], "only the card that was read");
+    assert!(gate.daemon.is_running(), "no crash");
+    assert_eq!(gate.daemon.terminate(), Some(0));
+}
+
+#[test]
+fn pcsc_pcscd_killed_and_restarted_the_reader_comes_back_by_itself() {
+    let _exclusive = setup();
+    let mut gate = Gate::start("ledger-pcsc-restart");
+    gate.wait_state("ok");
+    present(&UID4, Duration::from_millis(600));
+    gate.wait_event_of(&UID4);
+
+    kill_pcscd().expect("pcscd killed");
+    gate.wait_state("recovering");
+    assert!(
+        gate.reader()["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("pcscd")),
+        "says what is wrong: {}",
+        gate.reader()
+    );
+    let restarted = Instant::now();
+    start_pcscd().expect("pcscd restarted");
+    gate.wait_state("ok");
+    let back = restarted.elapsed();
+    present(&UID7, Duration::from_millis(600));
+    gate.wait_event_of(&UID7);
+    eprintln!(
+        "reader ok {back:?} after pcscd restarted, next card's event {:?} after",
+        restarted.elapsed()
+    );
+    assert!(
+        gate.reader()["recoveries"].as_u64() >= Some(1),
+        "{}",
+        gate.reader()
+    );
+    assert_eq!(gate.uids(), vec![uid(&UID4), uid(&UID7)]);
+    assert!(gate.daemon.is_running(), "no daemon restart");
+    assert_eq!(gate.daemon.terminate(), Some(0));
+}
+
+#[test]
+fn pcsc_daemon_started_before_pcscd_waits_then_works() {
+    let _exclusive = setup();
+    kill_pcscd().expect("pcscd stopped");
+    let mut gate = Gate::start("ledger-pcsc-early");
+    gate.wait_state("absent");
+    assert!(
+        gate.reader()["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("pcscd is not running")),
+        "says why: {}",
+        gate.reader()
+    );
+    start_pcscd().expect("pcscd started");
+    gate.wait_state("ok");
+    assert!(wait_slot_empty(SLOT_0));
+    present(&UID7, Duration::from_millis(600));
+    gate.wait_event_of(&UID7);
+    assert_eq!(gate.uids(), vec![uid(&UID7)]);
+    assert_eq!(gate.daemon.terminate(), Some(0));
+}
