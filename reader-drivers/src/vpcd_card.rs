@@ -185,9 +185,27 @@ impl Drop for VirtualCard {
 fn read_message(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 2];
     stream.read_exact(&mut len)?;
+    quick_ack(stream);
     let mut payload = vec![0u8; u16::from_be_bytes(len) as usize];
     stream.read_exact(&mut payload)?;
     Ok(payload)
+}
+
+/// Acknowledges at once what vpcd sent (Linux delays ACKs by up to 40 ms otherwise, and
+/// with Nagle on vpcd's side that delay lands in every APDU round trip).
+fn quick_ack(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor and a c_int option value of the right size.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 fn write_message(stream: &mut TcpStream, payload: &[u8]) -> std::io::Result<()> {

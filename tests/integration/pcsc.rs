@@ -32,7 +32,11 @@ fn setup() -> PcscTestLock {
     lock
 }
 
-fn pcsc_config(dir: &Path, url: &str) -> TestConfig {
+/// The debouncer's waving window, widened to the pace at which vpcd lets a card come and
+/// go (every pass costs at least one of pcscd's 400 ms polls in and one out).
+const WAVING: &str = "[debounce]\nflap_window_ms = 5000\n";
+
+fn pcsc_config(dir: &Path, url: &str, extra: &str) -> TestConfig {
     TestConfig::write(
         dir,
         url,
@@ -43,6 +47,8 @@ name = "turnstile"
 kind = "pcsc"
 match = "{}"
 direction = "in"
+
+{extra}
 "#,
             SLOT_0.reader
         ),
@@ -71,9 +77,14 @@ struct Gate {
 
 impl Gate {
     fn start(client: &str) -> Gate {
+        Gate::start_with(client, "")
+    }
+
+    /// With `extra` configuration (sections) after the reader.
+    fn start_with(client: &str, extra: &str) -> Gate {
         let dir = scratch();
         let broker = broker(dir.path());
-        let config = pcsc_config(dir.path(), &broker.url());
+        let config = pcsc_config(dir.path(), &broker.url(), extra);
         let base = config.base();
         let sub = Subscriber::start(
             broker.port,
@@ -157,19 +168,23 @@ fn pcsc_two_cards_presented_for_a_second_each_are_one_event_each_with_the_right_
 #[test]
 fn pcsc_waved_card_is_one_tap_and_the_hold_steady_hint() {
     let _exclusive = setup();
-    let mut gate = Gate::start("ledger-pcsc-wave");
+    let mut gate = Gate::start_with("ledger-pcsc-wave", WAVING);
     gate.wait_state("ok");
 
     // Five passes through the field: the first is read, the other four leave while the
-    // reader is still reading them. Each pass is as short as the virtual stack lets it be:
-    // in until the reader has touched the card, then out.
+    // reader is still reading them. pcscd looks at vpcd's slot every 400 ms, so a pass here
+    // lasts until the reader has touched the card and pcscd has seen it go: five passes
+    // take about 4 s instead of the one second a hand needs (see `pcsc_config_waving`).
     let started = Instant::now();
     let first = insert(CardBehaviour::uid(&UID4));
     wait_for("the first pass to be read", LONG, || first.apdus() >= 1);
     first.remove();
+    assert!(wait_slot_empty(SLOT_0), "pcscd sees the card go");
     for _ in 0..4 {
         let pass = insert(CardBehaviour::LeaveMidRead);
         wait_for("the reader to touch the card", LONG, || pass.is_gone());
+        drop(pass);
+        assert!(wait_slot_empty(SLOT_0), "pcscd sees the card go");
     }
     let waving = started.elapsed();
     wait_for("the hold_steady hint", LONG, || {
