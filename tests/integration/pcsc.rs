@@ -284,3 +284,18 @@ fn pcsc_daemon_started_before_pcscd_waits_then_works() {
     assert_eq!(gate.uids(), vec![uid(&UID7)]);
     assert_eq!(gate.daemon.terminate(), Some(0));
 }
+
+#[test]
+fn pcsc_readers_command_lists_vpcd_and_says_plainly_when_pcscd_is_not_running() {
+    let _exclusive = setup();
+    let (code, out, err) = id06d(&["readers"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(SLOT_0.reader), "{out}");
+    assert!(out.contains("Serial ports"), "{out}");
+    kill_pcscd().expect("pcscd stopped");
+    let (code, out, err) = id06d(&["readers"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("pcscd is not running"), "{out}");
+    assert!(!out.contains(SLOT_0.reader), "{out}");
+    start_pcscd().expect("pcscd started");
+}
