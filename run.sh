@@ -13,6 +13,7 @@ PACKAGES=(
   libudev-dev                          # serial port enumeration (serialport's libudev)
   socat libnfc-bin                     # ptys and libnfc's reference host for the PN532 tests
   systemd binutils                     # systemd-analyze for the unit; objdump for the .deb
+  openssl ca-certificates              # certificates made by the TLS tests; the system CA bundle
 )
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }

@@ -12,6 +12,9 @@ pub struct LocalBroker {
     pub port: u16,
     dir: PathBuf,
     extra_config: String,
+    /// `per_listener_settings true`: each listener in `extra_config` has its own security
+    /// settings (the plain loopback listener stays open to anonymous clients).
+    per_listener: bool,
     child: Option<Child>,
 }
 
@@ -39,6 +42,20 @@ impl LocalBroker {
     /// Starts mosquitto with its files in `dir` (persistence on, so sessions survive a
     /// restart like on a real broker). `extra_config` is appended to the configuration.
     pub fn start(dir: &Path, extra_config: &str) -> Result<LocalBroker, String> {
+        Self::start_inner(dir, extra_config, false)
+    }
+
+    /// Like [`start`](Self::start), with `per_listener_settings true`: `extra_config` adds
+    /// listeners (TLS ones, say) with security settings of their own.
+    pub fn start_with_listeners(dir: &Path, extra_config: &str) -> Result<LocalBroker, String> {
+        Self::start_inner(dir, extra_config, true)
+    }
+
+    fn start_inner(
+        dir: &Path,
+        extra_config: &str,
+        per_listener: bool,
+    ) -> Result<LocalBroker, String> {
         let mut last_error = String::new();
         for _ in 0..5 {
             let port = free_port().map_err(|e| format!("cannot find a free port: {e}"))?;
@@ -46,6 +63,7 @@ impl LocalBroker {
                 port,
                 dir: dir.to_path_buf(),
                 extra_config: extra_config.to_string(),
+                per_listener,
                 child: None,
             };
             match b.restart() {
@@ -79,7 +97,12 @@ impl LocalBroker {
             .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
         let conf = self.dir.join("mosquitto.conf");
         let text = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence true\npersistence_location {dir}/\nautosave_interval 1\nlog_dest file {dir}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\nmax_queued_messages 0\n{extra}\n",
+            "{per_listener}listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence true\npersistence_location {dir}/\nautosave_interval 1\nlog_dest file {dir}/mosquitto.log\nlog_type error\nlog_type warning\nlog_type notice\nmax_queued_messages 0\n{extra}\n",
+            per_listener = if self.per_listener {
+                "per_listener_settings true\n"
+            } else {
+                ""
+            },
             port = self.port,
             dir = self.dir.display(),
             extra = self.extra_config

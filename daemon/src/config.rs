@@ -414,14 +414,6 @@ impl Config {
             Some(s) => loc.at(s.span(), m),
             None => loc.whole(m),
         })?;
-        if tls {
-            // Never connect in clear to a broker that was meant to be reached over TLS.
-            let m = "[mqtt] url: mqtts:// (TLS) is not supported by this build yet; use mqtt:// on a trusted network or a local TLS-terminating broker";
-            return Err(match &url_spanned {
-                Some(s) => loc.at(s.span(), m),
-                None => loc.whole(m),
-            });
-        }
         let topic_prefix = match &raw.mqtt.topic_prefix {
             Some(p) => {
                 let v = p.get_ref().trim_end_matches('/').to_string();
@@ -850,11 +842,18 @@ direction = "out"
     }
 
     #[test]
-    fn tls_urls_are_refused_until_tls_is_supported() {
-        let e = load(&GOOD.replace("mqtt://127.0.0.1:1883", "mqtts://broker:8883"))
-            .unwrap_err()
-            .0;
-        assert!(e.contains(":7:") && e.contains("not supported"), "{e}");
+    fn tls_urls_take_the_ca_and_client_files_and_plain_urls_refuse_them() {
+        let text = GOOD.replace(
+            "url = \"mqtt://127.0.0.1:1883\"",
+            "url = \"mqtts://broker:8883\"\nca_file = \"ca.pem\"\nclient_cert = \"c.pem\"\nclient_key = \"k.pem\"",
+        );
+        let c = load(&text).unwrap();
+        assert!(c.mqtt.tls);
+        assert_eq!((c.mqtt.host.as_str(), c.mqtt.port), ("broker", 8883));
+        assert!(c.mqtt.ca_file.unwrap().ends_with("ca.pem"));
+        let plain = text.replace("mqtts://broker:8883", "mqtt://broker:1883");
+        let e = load(&plain).unwrap_err().0;
+        assert!(e.contains("need an mqtts:// url"), "{e}");
     }
 
     #[test]

@@ -51,3 +51,4 @@ pub mod run;
 pub mod shared;
 pub mod signing;
 pub mod store;
+pub mod tls;

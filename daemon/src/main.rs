@@ -256,6 +256,10 @@ fn dispatch(command: Command) -> Result<(), Failure> {
         }
         Command::CheckConfig { config } => {
             let config = load_config(&config)?;
+            if config.mqtt.tls {
+                // The CA, certificate and key files are read now, not at the first connection.
+                id06d::tls::client_config(&config.mqtt).map_err(|e| runtime(e.to_string()))?;
+            }
             print!("{}", config.render());
             Ok(())
         }

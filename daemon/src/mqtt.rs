@@ -48,6 +48,8 @@ pub struct MqttTask {
     pub settings: MqttSettings,
     /// The broker password, read from `password_file`.
     pub password: Option<String>,
+    /// For `mqtts://`: the TLS client configuration ([`crate::tls::client_config`]).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Topic names.
     pub topics: Topics,
     /// The outbox to deliver.
@@ -69,6 +71,8 @@ pub struct MqttTask {
     pub drain_timeout: Duration,
     /// Where blocklist updates and snapshots go.
     pub blocklist_inbox: mpsc::Sender<crate::blocklist_sync::Incoming>,
+    /// Set once `decisions` has closed (the pipeline stopped).
+    pub decisions_closed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +110,11 @@ impl MqttTask {
         o.set_keep_alive(Duration::from_secs(15));
         o.set_inflight(INFLIGHT);
         o.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
+        if let Some(tls) = &self.tls {
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
+        }
         o.set_last_will(LastWill::new(
             self.topics.status(),
             GatewayStatus::offline_payload(),
@@ -235,6 +244,11 @@ impl MqttTask {
                     match polled {
                         Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                             connected = true;
+                            // Decisions made while the broker was out of reach are too late
+                            // to open a door now (their events are in the outbox).
+                            while self.decisions.try_recv().is_ok() {
+                                Counters::bump(&self.shared.counters.decisions_dropped);
+                            }
                             tracing::info!(broker = %self.settings.url, session_present = ack.session_present, outbox_depth = self.outbox.depth(), "connected to the MQTT broker");
                             window.next = match self.outbox.first_pending() {
                                 Ok(Some(seq)) => seq,
@@ -274,13 +288,19 @@ impl MqttTask {
                         Ok(_) => {}
                         Err(e) => {
                             self.flush_acks(&mut window);
-                            return (End::Lost(describe(&e)), connected);
+                            return (End::Lost(describe(&e, &self.settings)), connected);
                         }
                     }
                 }
-                decision = self.decisions.recv() => {
+                // Not while connecting: a branch that is ready would cancel the connection
+                // attempt in `poll` over and over (a TLS handshake takes a while).
+                decision = self.decisions.recv(), if connected && !self.decisions_closed => {
                     // Every decision waiting, then the events behind them (already durable)
                     // in the same turn, so both go out back to back.
+                    if decision.is_none() {
+                        // The pipeline has stopped; never poll a closed channel again.
+                        self.decisions_closed = true;
+                    }
                     let mut next = decision;
                     while let Some(payload) = next {
                         if connected && drain_deadline.is_none() {
@@ -299,7 +319,7 @@ impl MqttTask {
                         self.fill(client, &mut window, max_published);
                     }
                 }
-                _ = self.shared.wake.notified() => {
+                _ = self.shared.wake.notified(), if connected => {
                     if connected && self.shared.status_dirty.swap(false, std::sync::atomic::Ordering::AcqRel) {
                         self.publish_other(client, &mut window, self.topics.status(), self.status_payload(), true);
                     }
@@ -448,10 +468,10 @@ impl MqttTask {
 }
 
 /// One readable sentence for a connection error.
-fn describe(e: &ConnectionError) -> String {
-    match e {
+fn describe(e: &ConnectionError, settings: &MqttSettings) -> String {
+    let raw = match e {
         ConnectionError::ConnectionRefused(code) => {
-            format!("the broker refused the connection ({code:?}); check username, password_file and client_id")
+            return format!("the broker refused the connection ({code:?}); check username, password_file and client_id");
         }
         ConnectionError::Io(io) => format!("{io}"),
         ConnectionError::NetworkTimeout => {
@@ -459,5 +479,16 @@ fn describe(e: &ConnectionError) -> String {
         }
         ConnectionError::FlushTimeout => "the broker stopped reading from us".into(),
         other => other.to_string(),
+    };
+    // TLS trouble shows in the handshake or, for a refused client certificate under TLS 1.3,
+    // only at the first read after it.
+    match settings
+        .tls
+        .then(|| crate::tls::explain(&raw, settings))
+        .flatten()
+    {
+        Some(hint) => format!("TLS: {hint} ({raw})"),
+        None if matches!(e, ConnectionError::Tls(_)) => format!("TLS handshake failed: {raw}"),
+        None => raw,
     }
 }

@@ -112,6 +112,11 @@ pub async fn run(
         ),
         None => None,
     };
+    let tls = if config.mqtt.tls {
+        Some(crate::tls::client_config(&config.mqtt).map_err(|e| RunError::Setup(e.to_string()))?)
+    } else {
+        None
+    };
     if config.blocklist.public_key.is_none() {
         tracing::warn!("no [blocklist] public_key: blocklist updates would be accepted unsigned");
     }
@@ -165,6 +170,7 @@ pub async fn run(
     let mqtt = MqttTask {
         settings: config.mqtt.clone(),
         password,
+        tls,
         topics,
         outbox: outbox.clone(),
         blocklist: blocklist.clone(),
@@ -174,6 +180,7 @@ pub async fn run(
         started_at,
         shutdown: mqtt_stop.clone(),
         drain_timeout: options.drain_timeout,
+        decisions_closed: false,
         blocklist_inbox: blocklist_tx,
     };
     let mut mqtt_task = tokio::spawn(mqtt.run());

@@ -9,3 +9,4 @@ mod pcsc;
 mod pipeline;
 mod serial;
 mod support;
+mod tls;
