@@ -36,6 +36,7 @@ pub mod blocklist_sync;
 pub mod broker;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod debounce;
 pub mod decide;
 pub mod demo;

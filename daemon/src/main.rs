@@ -215,6 +215,15 @@ fn load_config(path: &Path) -> Result<Config, Failure> {
     Config::load(path).map_err(|e| usage(e.to_string()))
 }
 
+/// The store, or `None` when a running daemon holds it (ask it over the control socket).
+fn open_store_or_running(config: &Config) -> Result<Option<Store>, Failure> {
+    match Store::open(&config.data_dir, &config.terminal_id) {
+        Ok(store) => Ok(Some(store)),
+        Err(id06d::store::StoreError::InUse(_)) => Ok(None),
+        Err(e) => Err(runtime(e.to_string())),
+    }
+}
+
 fn open_store(config: &Config) -> Result<Store, Failure> {
     Store::open(&config.data_dir, &config.terminal_id).map_err(|e| runtime(e.to_string()))
 }
@@ -285,9 +294,13 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             command: OutboxCommand::Stats { config },
         } => {
             let config = load_config(&config)?;
-            let store = open_store(&config)?;
-            let outbox = Outbox::open(&store).map_err(|e| runtime(e.to_string()))?;
-            let stats = outbox.stats().map_err(|e| runtime(e.to_string()))?;
+            let stats = match open_store_or_running(&config)? {
+                Some(store) => Outbox::open(&store)
+                    .and_then(|outbox| outbox.stats())
+                    .map_err(|e| runtime(e.to_string()))?,
+                None => id06d::control::remote_stats(&config.data_dir)
+                    .map_err(|e| runtime(e.to_string()))?,
+            };
             println!(
                 "outbox depth:   {} events waiting for the broker",
                 stats.depth
@@ -313,11 +326,14 @@ fn dispatch(command: Command) -> Result<(), Failure> {
         } => {
             let config = load_config(&config)?;
             let since = parse_since(&since).map_err(usage)?;
-            let store = open_store(&config)?;
-            let outbox = Outbox::open(&store).map_err(|e| runtime(e.to_string()))?;
-            let events = outbox
-                .events_since(since)
-                .map_err(|e| runtime(e.to_string()))?;
+            let events = match open_store_or_running(&config)? {
+                Some(store) => Outbox::open(&store)
+                    .and_then(|outbox| outbox.events_since(since))
+                    .map_err(|e| runtime(e.to_string()))?,
+                // The daemon runs and holds the database: it answers for it.
+                None => id06d::control::remote_events_since(&config.data_dir, since)
+                    .map_err(|e| runtime(e.to_string()))?,
+            };
             export(&events, format).map_err(|e| runtime(format!("cannot write the export: {e}")))
         }
     }

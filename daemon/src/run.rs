@@ -207,6 +207,14 @@ pub async fn run(
         })
     };
 
+    // Read-only questions from `id06d events export` / `outbox stats` while we hold sled.
+    let control_stop = CancellationToken::new();
+    let control = tokio::spawn(crate::control::serve(
+        store.dir.clone(),
+        outbox.clone(),
+        control_stop.clone(),
+    ));
+
     // The tap pipeline, on its own thread.
     let (reader_tx, reader_rx) = mpsc::channel(4096);
     let pipeline = Pipeline {
@@ -314,6 +322,8 @@ pub async fn run(
     }
     sync_task.abort();
     pruner.abort();
+    control_stop.cancel();
+    let _ = control.await;
     if let Some(w) = watchdog {
         w.abort();
     }

@@ -192,3 +192,105 @@ fn systemd_accepts_the_unit_and_rates_its_exposure_below_2() {
     eprintln!("systemd-analyze security: exposure {score}");
     assert!(score < 2.0, "exposure {score}");
 }
+
+#[test]
+fn events_export_and_outbox_stats_work_while_the_daemon_runs_and_after_it_stopped() {
+    let dir = scratch();
+    let broker = broker(dir.path());
+    write_script(
+        dir.path(),
+        "s.txt",
+        "at 0 present 04A10000000001\nat 300 absent\nat 600 present 04B10000000002\nat 900 absent\nat 1200 present 04C10000000003\nat 1500 absent\nat 1800 end\n",
+    );
+    let config = TestConfig::write(
+        dir.path(),
+        &broker.url(),
+        "[[reader]]\nname = \"gate\"\nkind = \"simulated\"\nscript = \"s.txt\"\ndirection = \"in\"\n",
+    );
+    let path = config.path.to_str().unwrap().to_string();
+    let csv = dir.path().join("l.csv");
+    std::fs::write(&csv, "04B10000000002,suspended\n").unwrap();
+    let (code, _, err) = id06d(&[
+        "blocklist",
+        "import",
+        csv.to_str().unwrap(),
+        "--config",
+        &path,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let p = config.base();
+    let sub = Subscriber::start(broker.port, "ledger-export", &[&format!("{p}/event")]);
+    let mut daemon = Daemon::start(&config);
+    wait_for("three delivered events", Duration::from_secs(20), || {
+        sub.events(&format!("{p}/event")).len() >= 3
+    });
+    // The MQTT task removes acknowledged events from the outbox just after the PUBACK.
+    let stats = || id06d(&["outbox", "stats", "--config", &path]);
+    wait_for("the outbox to be empty", Duration::from_secs(20), || {
+        stats().1.contains("outbox depth:   0")
+    });
+    let (code, out, err) = stats();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("last seq:       3"), "{out}");
+
+    let export = |format: &str| {
+        let (code, out, err) = id06d(&[
+            "events",
+            "export",
+            "--since",
+            "2020-01-01",
+            "--format",
+            format,
+            "--config",
+            &path,
+        ]);
+        assert_eq!(code, 0, "export {format} while running: {err}");
+        out
+    };
+    let running_csv = export("csv");
+    let lines: Vec<&str> = running_csv.lines().collect();
+    assert_eq!(lines.len(), 4, "a header and three taps:\n{running_csv}");
+    assert!(lines[0].starts_with("event_id,seq,local_time,occurred_at_utc"));
+    for (i, line) in lines[1..].iter().enumerate() {
+        let fields: Vec<&str> = line.split(',').collect();
+        assert_eq!(fields[0], format!("gate-test:{}", i + 1), "{line}");
+        assert!(
+            fields[2].ends_with("CET") || fields[2].ends_with("CEST"),
+            "Stockholm time: {line}"
+        );
+        assert!(fields[3].ends_with('Z'), "UTC beside it: {line}");
+        assert_eq!(fields[10], "yes", "delivered: {line}");
+    }
+    assert!(lines[2].contains(",denied,suspended,"), "{}", lines[2]);
+    let json = export("json");
+    let events: Vec<id06_protocol::Event> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("an event per line"))
+        .collect();
+    assert_eq!(
+        events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+
+    // Anything but a known request gets one error line; the daemon carries on.
+    {
+        use std::io::{Read, Write};
+        let mut s =
+            std::os::unix::net::UnixStream::connect(dir.path().join("data/control.sock")).unwrap();
+        s.write_all(b"drop-everything\n").unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("error: unknown request"), "{reply}");
+    }
+    assert!(daemon.is_running());
+    assert_eq!(daemon.terminate(), Some(0));
+    assert!(
+        !dir.path().join("data/control.sock").exists(),
+        "the socket goes with the daemon"
+    );
+    assert_eq!(
+        export("csv"),
+        running_csv,
+        "the same export from the database itself"
+    );
+}

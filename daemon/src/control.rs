@@ -1,0 +1,265 @@
+//! The control socket: read-only questions to a running daemon, so that `id06d events
+//! export` and `id06d outbox stats` work while the daemon holds the database (sled allows
+//! one process at a time).
+//!
+//! Design: a Unix stream socket `control.sock` in the data directory (mode 0600, so only
+//! the daemon's user and root reach it). A client writes one request line and reads the
+//! answer until the daemon closes the connection:
+//!
+//! - `events-since <unix ms>` → one JSON line per recorded event,
+//!   `{"delivered":true,"event":{…}}`, oldest first;
+//! - `outbox-stats` → one JSON line `{"depth":…,"oldest_seq":…,"oldest_at":…,"last_seq":…,"archived":…}`.
+//!
+//! Anything else gets `error: …` and the connection is closed. Requests are read with a
+//! deadline and a length limit; answers are produced on the blocking pool.
+
+use crate::outbox::{Outbox, OutboxStats};
+use id06_protocol::{Event, UtcMillis};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+/// The socket's file name inside the data directory.
+pub const SOCKET_NAME: &str = "control.sock";
+/// The longest request line.
+const MAX_REQUEST: u64 = 256;
+/// How long a client may take to send its request.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The socket path for a data directory.
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(SOCKET_NAME)
+}
+
+/// One exported event as it travels over the socket.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ExportedEvent {
+    /// Whether the broker has acknowledged it.
+    pub delivered: bool,
+    /// The event.
+    pub event: Event,
+}
+
+/// The outbox figures as they travel over the socket.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RemoteStats {
+    /// Events not yet acknowledged.
+    pub depth: u64,
+    /// Seq of the oldest of them.
+    pub oldest_seq: Option<u64>,
+    /// When it happened.
+    pub oldest_at: Option<UtcMillis>,
+    /// The highest seq written.
+    pub last_seq: u64,
+    /// Events kept for export.
+    pub archived: u64,
+}
+
+impl From<OutboxStats> for RemoteStats {
+    fn from(s: OutboxStats) -> RemoteStats {
+        RemoteStats {
+            depth: s.depth,
+            oldest_seq: s.oldest.map(|(seq, _)| seq),
+            oldest_at: s.oldest.map(|(_, at)| at),
+            last_seq: s.last_seq,
+            archived: s.archived,
+        }
+    }
+}
+
+impl From<RemoteStats> for OutboxStats {
+    fn from(s: RemoteStats) -> OutboxStats {
+        OutboxStats {
+            depth: s.depth,
+            oldest: s.oldest_seq.zip(s.oldest_at),
+            last_seq: s.last_seq,
+            archived: s.archived,
+        }
+    }
+}
+
+/// Serves the socket until `shutdown`; removes it at the end. A socket that cannot be made
+/// is logged and the daemon runs on without it.
+pub async fn serve(data_dir: PathBuf, outbox: Outbox, shutdown: CancellationToken) {
+    let path = socket_path(&data_dir);
+    // A socket left by a daemon that died: we hold the database lock, so it is not in use.
+    let _ = std::fs::remove_file(&path);
+    let listener = {
+        // Owner only, from the moment it exists.
+        // SAFETY: umask only changes this process's file creation mask.
+        let old = unsafe { libc::umask(0o177) };
+        let bound = tokio::net::UnixListener::bind(&path);
+        // SAFETY: as above, restoring the previous mask.
+        unsafe { libc::umask(old) };
+        match bound {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "cannot make the control socket ({e}); `events export` and `outbox stats` will not work while the daemon runs");
+                return;
+            }
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let outbox = outbox.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = answer(stream, outbox).await {
+                            tracing::debug!("control socket client: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("control socket: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+async fn answer(stream: tokio::net::UnixStream, outbox: Outbox) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut limited = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
+    match tokio::time::timeout(REQUEST_DEADLINE, limited.read_line(&mut line)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            write.write_all(b"error: no request within 5 s\n").await?;
+            return Ok(());
+        }
+    }
+    let request = line.trim();
+    let mut words = request.split_whitespace();
+    let reply = match (words.next(), words.next(), words.next()) {
+        (Some("events-since"), Some(ms), None) => match ms.parse::<i64>() {
+            Ok(ms) => {
+                let events = tokio::task::spawn_blocking(move || {
+                    outbox.events_since(UtcMillis(ms)).map(|events| {
+                        let mut out = Vec::new();
+                        for (event, delivered) in events {
+                            if let Ok(mut line) =
+                                serde_json::to_vec(&ExportedEvent { delivered, event })
+                            {
+                                line.push(b'\n');
+                                out.extend_from_slice(&line);
+                            }
+                        }
+                        out
+                    })
+                })
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+                events.unwrap_or_else(|e| format!("error: {e}\n").into_bytes())
+            }
+            Err(_) => format!("error: {ms:?} is not a time in Unix milliseconds\n").into_bytes(),
+        },
+        (Some("outbox-stats"), None, None) => {
+            let stats = tokio::task::spawn_blocking(move || outbox.stats())
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            match stats {
+                Ok(s) => {
+                    let mut line = serde_json::to_vec(&RemoteStats::from(s)).unwrap_or_default();
+                    line.push(b'\n');
+                    line
+                }
+                Err(e) => format!("error: {e}\n").into_bytes(),
+            }
+        }
+        _ => format!(
+            "error: unknown request {:?} (known: events-since <unix ms>, outbox-stats)\n",
+            request.chars().take(64).collect::<String>()
+        )
+        .into_bytes(),
+    };
+    write.write_all(&reply).await?;
+    write.shutdown().await
+}
+
+/// Why asking the running daemon failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No daemon answers on the socket.
+    #[error("cannot reach the running daemon's control socket {path}: {source}")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The conversation broke off.
+    #[error("the running daemon's control socket {path}: {source}")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The daemon said no, or said something this build does not understand.
+    #[error("the running daemon answered: {0}")]
+    Refused(String),
+}
+
+fn ask(data_dir: &Path, request: &str) -> Result<Vec<String>, ControlError> {
+    let path = socket_path(data_dir);
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(&path).map_err(|source| ControlError::Connect {
+            path: path.clone(),
+            source,
+        })?;
+    let io = |source| ControlError::Io {
+        path: path.clone(),
+        source,
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(io)?;
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .map_err(io)?;
+    let mut lines = Vec::new();
+    for line in BufReader::new(stream).lines() {
+        let line = line.map_err(io)?;
+        if let Some(e) = line.strip_prefix("error: ") {
+            return Err(ControlError::Refused(e.to_string()));
+        }
+        lines.push(line);
+    }
+    Ok(lines)
+}
+
+/// The events since `since`, from the daemon running on `data_dir`.
+pub fn remote_events_since(
+    data_dir: &Path,
+    since: UtcMillis,
+) -> Result<Vec<(Event, bool)>, ControlError> {
+    ask(data_dir, &format!("events-since {}", since.0))?
+        .iter()
+        .map(|line| {
+            serde_json::from_str::<ExportedEvent>(line)
+                .map(|e| (e.event, e.delivered))
+                .map_err(|e| {
+                    ControlError::Refused(format!("an event line this build cannot read: {e}"))
+                })
+        })
+        .collect()
+}
+
+/// The outbox figures, from the daemon running on `data_dir`.
+pub fn remote_stats(data_dir: &Path) -> Result<OutboxStats, ControlError> {
+    let lines = ask(data_dir, "outbox-stats")?;
+    let line = lines
+        .first()
+        .ok_or_else(|| ControlError::Refused("no answer".into()))?;
+    serde_json::from_str::<RemoteStats>(line)
+        .map(OutboxStats::from)
+        .map_err(|e| ControlError::Refused(format!("figures this build cannot read: {e}")))
+}
