@@ -12,7 +12,7 @@ PACKAGES=(
   vsmartcard-vpcd pcsc-tools           # virtual PC/SC readers for the tests
   libudev-dev                          # serial port enumeration (serialport's libudev)
   socat libnfc-bin                     # ptys and libnfc's reference host for the PN532 tests
-  systemd binutils                     # systemd-analyze for the unit; objdump for the .deb
+  systemd binutils lintian             # systemd-analyze for the unit; objdump, strip, lintian for the .deb
   openssl ca-certificates              # certificates made by the TLS tests; the system CA bundle
 )
 

@@ -26,9 +26,35 @@ trap 'rm -rf "$stage"' EXIT
 root="$stage/id06d_${version}_${arch}"
 
 install -D -m 0755 "$binary" "$root/usr/bin/id06d"
+strip --strip-unneeded --remove-section=.comment --remove-section=.note "$root/usr/bin/id06d"
 install -D -m 0644 systemd/id06d.service "$root/lib/systemd/system/id06d.service"
-install -D -m 0640 systemd/id06d.toml "$root/etc/id06d/id06d.toml"
+# No secrets in it (the MQTT password lives in its own file, see password_file).
+install -D -m 0644 systemd/id06d.toml "$root/etc/id06d/id06d.toml"
 install -D -m 0644 README.md "$root/usr/share/doc/id06d/README.md"
+install -d -m 0755 "$root/usr/share/man/man8"
+gzip -9n < packaging/id06d.8 > "$root/usr/share/man/man8/id06d.8.gz"
+chmod 0644 "$root/usr/share/man/man8/id06d.8.gz"
+cat > "$root/usr/share/doc/id06d/copyright" <<COPYRIGHT
+Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+Upstream-Name: id06d
+Source: https://github.com/id06d/id06d
+
+Files: *
+Copyright: 2026 id06d developers
+License: Apache-2.0
+
+License: Apache-2.0
+ On Debian systems, the full text of the Apache License 2.0 is in
+ /usr/share/common-licenses/Apache-2.0.
+COPYRIGHT
+{
+  echo "id06d (${version}) unstable; urgency=medium"
+  echo
+  echo "  * Release ${version}; see /usr/share/doc/id06d/README.md."
+  echo
+  echo " -- id06d developers <dev@id06d.se>  $(LC_ALL=C date -u -R -d @"${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}")"
+} | gzip -9n > "$root/usr/share/doc/id06d/changelog.gz"
+chmod 0644 "$root/usr/share/doc/id06d/copyright" "$root/usr/share/doc/id06d/changelog.gz"
 install -d -m 0755 "$root/DEBIAN"
 
 # Shared libraries the binary needs, as Debian package dependencies.
@@ -43,15 +69,16 @@ cat > "$root/DEBIAN/control" <<CONTROL
 Package: id06d
 Version: ${version}
 Architecture: ${arch}
-Maintainer: id06d developers <id06d@localhost>
+Maintainer: id06d developers <dev@id06d.se>
 Depends: ${deps:-libc6}, adduser
 Recommends: pcscd
 Section: net
 Priority: optional
-Description: ID06 card gateway: readers to the electronic personnel ledger over MQTT
- Reads ID06 cards from PC/SC and serial readers, turns detections into one tap per
- presentation, decides locally from a cached blocklist, records every tap durably and
- delivers it over MQTT, at least once and in order.
+Description: ID06 card gateway: readers to the personnel ledger over MQTT
+ Reads ID06 cards from PC/SC and serial readers, turns detections into
+ one tap per presentation, decides locally from a cached blocklist,
+ records every tap durably and delivers it over MQTT, at least once and
+ in order.
 CONTROL
 echo "/etc/id06d/id06d.toml" > "$root/DEBIAN/conffiles"
 cat > "$root/DEBIAN/postinst" <<'POSTINST'

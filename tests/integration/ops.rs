@@ -113,8 +113,11 @@ fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
     for (mode, path) in [
         ("-rwxr-xr-x", "./usr/bin/id06d"),
         ("-rw-r--r--", "./lib/systemd/system/id06d.service"),
-        ("-rw-r-----", "./etc/id06d/id06d.toml"),
+        ("-rw-r--r--", "./etc/id06d/id06d.toml"),
         ("-rw-r--r--", "./usr/share/doc/id06d/README.md"),
+        ("-rw-r--r--", "./usr/share/doc/id06d/copyright"),
+        ("-rw-r--r--", "./usr/share/doc/id06d/changelog.gz"),
+        ("-rw-r--r--", "./usr/share/man/man8/id06d.8.gz"),
     ] {
         assert!(
             contents
@@ -145,6 +148,17 @@ fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
     );
     let postinst = std::fs::read_to_string(x.join("postinst")).unwrap();
     assert!(postinst.contains("adduser --system --group"), "{postinst}");
+    // Debian's own checker has nothing to say about it.
+    let lintian = Command::new("lintian")
+        .args(["--tag-display-limit", "0", &deb])
+        .output()
+        .expect("lintian runs (Debian: lintian; ./run.sh test installs it)");
+    let said = String::from_utf8_lossy(&lintian.stdout);
+    let complaints: Vec<&str> = said
+        .lines()
+        .filter(|l| l.starts_with("E:") || l.starts_with("W:"))
+        .collect();
+    assert!(complaints.is_empty(), "lintian: {complaints:#?}");
     // The packaged example configuration is valid.
     let cfg = dir.path().join("id06d.toml");
     std::fs::copy(root.join("systemd/id06d.toml"), &cfg).unwrap();
