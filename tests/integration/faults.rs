@@ -399,3 +399,111 @@ fn a_broker_that_sends_garbage_does_not_hurt() {
     assert_eq!(depth, last, "and wait in the outbox for a real broker");
     assert!(!daemon.log_text().contains("panicked"));
 }
+
+/// mosquitto killed with SIGKILL at random moments while taps stream. A broker that dies
+/// that way can lose messages it has already acknowledged (they were only in its memory);
+/// those are the broker's losses, not the gateway's. The gateway keeps a record of every
+/// event and whether the broker acknowledged it, so the two can be told apart: every seq
+/// must be in the gateway's record, and every seq the ledger never saw must be one the broker
+/// acknowledged.
+#[test]
+fn broker_kill_9_losses_are_the_brokers_never_the_gateways() {
+    let dir = scratch();
+    let mut broker = broker(dir.path());
+    let config = stream_config(dir.path(), &broker.url(), 40, 90, "");
+    let p = config.base();
+    let sub = Subscriber::start(broker.port, "ledger-sigkill", &[&format!("{p}/event")]);
+    let mut rng = Rng::from_env_or_time();
+    let mut daemon = Daemon::start(&config);
+    let mut kills = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(rng.millis(300, 2000));
+        broker.kill();
+        kills += 1;
+        std::thread::sleep(rng.millis(50, 800));
+        broker.restart().expect("broker restarts");
+    }
+    assert!(
+        daemon.is_running(),
+        "the daemon survives every broker crash"
+    );
+    assert_eq!(daemon.terminate(), Some(0));
+    // Whatever the last crash left undelivered goes out on the next start.
+    let mut last;
+    let mut runs = 0;
+    loop {
+        let (depth, l) = outbox_stats(&config);
+        last = l;
+        if depth == 0 {
+            break;
+        }
+        runs += 1;
+        assert!(runs <= 5, "the outbox never drained ({depth} left)");
+        daemon = Daemon::start(&config);
+        daemon.wait_started();
+        wait_for("the outbox to drain", Duration::from_secs(30), || {
+            id06d(&["outbox", "stats", "--config", config.path.to_str().unwrap()])
+                .1
+                .contains("outbox depth:   0")
+        });
+        assert_eq!(daemon.terminate(), Some(0));
+    }
+    // The ledger may still be receiving the last redeliveries: wait until it is quiet.
+    let mut seen = 0;
+    wait_for("the ledger to be quiet", Duration::from_secs(30), || {
+        let now = sub.on(&format!("{p}/event")).len();
+        let quiet = now == seen;
+        seen = now;
+        std::thread::sleep(Duration::from_millis(300));
+        quiet
+    });
+    let received: BTreeSet<u64> = sub
+        .events(&format!("{p}/event"))
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    // The gateway's own record: seq and whether the broker acknowledged it.
+    let (code, csv, err) = id06d(&[
+        "events",
+        "export",
+        "--since",
+        "2020-01-01",
+        "--format",
+        "csv",
+        "--config",
+        config.path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let record: Vec<(u64, bool)> = csv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[1].parse().expect("a seq"), f[10] == "yes")
+        })
+        .collect();
+    assert_eq!(
+        record.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (1..=last).collect::<Vec<_>>(),
+        "the gateway recorded every seq once, without a gap"
+    );
+    let lost_by_broker: Vec<u64> = record
+        .iter()
+        .filter(|(seq, _)| !received.contains(seq))
+        .map(|(seq, acked)| {
+            assert!(
+                *acked,
+                "seq {seq} never reached the ledger and the broker never acknowledged it: the gateway lost it"
+            );
+            *seq
+        })
+        .collect();
+    eprintln!(
+        "broker kill -9: {last} taps, {kills} broker crashes, {} events reached the ledger, {} acknowledged by the broker and then lost in its crashes {:?}",
+        received.len(),
+        lost_by_broker.len(),
+        lost_by_broker
+    );
+    assert!(last > 100, "the stream really ran ({last} taps)");
+}
