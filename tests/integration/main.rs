@@ -7,6 +7,7 @@ mod faults;
 mod ops;
 mod pcsc;
 mod pipeline;
+mod schemas;
 mod serial;
 mod support;
 mod tls;
