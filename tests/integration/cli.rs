@@ -130,8 +130,17 @@ fn commands_say_plainly_when_the_daemon_holds_the_data_directory() {
     wait_for("the daemon to start", Duration::from_secs(10), || {
         daemon.log_text().contains("id06d starting")
     });
+    // A command that writes cannot share the database with the daemon: it says so at once.
+    let csv = dir.path().join("l.csv");
+    std::fs::write(&csv, "04A1B2C3D4E5F6,blocked\n").unwrap();
     let started = std::time::Instant::now();
-    let (code, _, err) = id06d(&["outbox", "stats", "--config", config.path.to_str().unwrap()]);
+    let (code, _, err) = id06d(&[
+        "blocklist",
+        "import",
+        csv.to_str().unwrap(),
+        "--config",
+        config.path.to_str().unwrap(),
+    ]);
     assert_eq!(code, 1);
     assert!(err.contains("in use by another id06d process"), "{err}");
     assert!(
