@@ -8,6 +8,7 @@
 //! - `blocklist_meta` and `blocklist.<generation>`: the blocklist (see [`crate::blocklist`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The on-disk format this build writes.
 pub const FORMAT_VERSION: u64 = 1;
@@ -96,6 +97,8 @@ pub struct Store {
     pub meta: sled::Tree,
     /// Outbox, archive, counters, toggle state.
     pub journal: sled::Tree,
+    /// sled's log file, for `fdatasync` after sled's own flush (see [`Store::flush`]).
+    log: Arc<std::fs::File>,
 }
 
 impl Store {
@@ -135,11 +138,24 @@ impl Store {
         };
         let meta = tree("meta")?;
         let journal = tree("journal")?;
+        let io = |what: &str, e: std::io::Error| StoreError::Io {
+            dir: dir.to_path_buf(),
+            detail: format!("{what}: {e}"),
+        };
+        let log = std::fs::File::open(db_path.join("db"))
+            .map_err(|e| io("cannot open the database log for syncing", e))?;
+        // The directory entries of a new database must survive a power cut too.
+        for d in [dir, db_path.as_path()] {
+            std::fs::File::open(d)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io("cannot sync the data directory", e))?;
+        }
         let store = Store {
             dir: dir.to_path_buf(),
             db,
             meta,
             journal,
+            log: Arc::new(log),
         };
         store.check_identity(terminal_id)?;
         Ok(store)
@@ -178,12 +194,21 @@ impl Store {
         Ok(())
     }
 
-    /// Writes everything to disk and waits for it (fsync).
+    /// Writes everything to disk and waits until it would survive a power cut.
+    ///
+    /// sled 0.34 ends its own flush on Linux with `sync_file_range`, which neither writes
+    /// the file's metadata (the blocks an appended log just got) nor flushes the disk's
+    /// write cache; its true `fsync` comes only from a background thread every 500 ms. So
+    /// after sled has written its buffers, `fdatasync` on its log file makes them durable.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db
             .flush()
             .map(|_| ())
-            .map_err(|e| StoreError::from_sled(&self.dir, e))
+            .map_err(|e| StoreError::from_sled(&self.dir, e))?;
+        self.log.sync_data().map_err(|e| StoreError::Io {
+            dir: self.dir.clone(),
+            detail: format!("cannot sync the database log: {e}"),
+        })
     }
 }
 
