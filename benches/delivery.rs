@@ -171,7 +171,16 @@ fn main() {
                     notified.await;
                 }
             });
-            t.elapsed()
+            let took = t.elapsed();
+            // The card leaves the field (outside the timed part), as a real one does.
+            injector
+                .blocking_send(ReaderMessage {
+                    reader: 0,
+                    at: std::time::Instant::now(),
+                    report: Report::Observed(Observation::NoCard),
+                })
+                .unwrap();
+            took
         };
         let warm = Instant::now();
         while warm.elapsed() < Duration::from_secs(1) {

@@ -85,6 +85,61 @@ impl BlocklistIndex {
     }
 }
 
+/// What `id06d blocklist lookup` and `stats` show, from this process or (over the control
+/// socket) from the running daemon.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Summary {
+    /// The list's version.
+    pub version: u64,
+    /// When it was last confirmed, Unix milliseconds.
+    pub confirmed_at_ms: Option<i64>,
+    /// Listed cards.
+    pub listed: u64,
+    /// Listed cards per status, in [`CardStatus::ALL`] order, listed statuses only.
+    pub counts: Vec<(CardStatus, u64)>,
+    /// The status of the card asked about (`unlisted` when not on the list).
+    pub status: Option<CardStatus>,
+}
+
+impl Summary {
+    /// The same index as a picture without entries, for its age and staleness.
+    fn as_index(&self) -> BlocklistIndex {
+        BlocklistIndex {
+            entries: Arc::default(),
+            version: self.version,
+            confirmed_at: self.confirmed_at_ms.map(UtcMillis),
+        }
+    }
+
+    /// Seconds since confirmation at `now`.
+    pub fn age_s(&self, now: UtcMillis) -> Option<u64> {
+        self.as_index().age_s(now)
+    }
+
+    /// Whether the list is older than `max_age_hours` at `now`.
+    pub fn is_stale(&self, now: UtcMillis, max_age_hours: u64) -> bool {
+        self.as_index().is_stale(now, max_age_hours)
+    }
+}
+
+impl BlocklistIndex {
+    /// Version, age, counts, and the status of `card` if one is asked about.
+    pub fn summary(&self, card: Option<&CardUid>) -> Summary {
+        let counts = self.counts();
+        Summary {
+            version: self.version,
+            confirmed_at_ms: self.confirmed_at.map(|c| c.as_millis()),
+            listed: self.len() as u64,
+            counts: CardStatus::ALL
+                .iter()
+                .filter(|s| s.is_listed())
+                .map(|s| (*s, counts.get(s).copied().unwrap_or(0)))
+                .collect(),
+            status: card.map(|c| self.lookup(c).unwrap_or(CardStatus::Unlisted)),
+        }
+    }
+}
+
 /// Why an update was not applied. The list in force stays as it was.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
@@ -373,13 +428,13 @@ impl Blocklist {
                 .map_err(|e| self.err(e))?;
             progress((n * BLOB_CARDS + chunk.len()).min(entries.len()));
         }
-        self.db.flush().map_err(|e| self.err(e))?;
+        crate::store::flush_db(&self.db, &self.dir)?;
         let mut flip = sled::Batch::default();
         flip.insert(GENERATION, &new.to_be_bytes());
         flip.insert(VERSION, &version.to_be_bytes());
         flip.insert(CONFIRMED_AT, &now.as_millis().to_be_bytes());
         self.meta.apply_batch(flip).map_err(|e| self.err(e))?;
-        self.db.flush().map_err(|e| self.err(e))?;
+        crate::store::flush_db(&self.db, &self.dir)?;
         self.db.drop_tree(tree_name(old)).map_err(|e| self.err(e))?;
         Ok(())
     }
@@ -435,7 +490,7 @@ impl Blocklist {
                 Ok::<(), ConflictableTransactionError<()>>(())
             });
         result.map_err(|e| storage(format!("{e:?}")))?;
-        self.db.flush().map_err(|e| storage(e.to_string()))?;
+        crate::store::flush_db(&self.db, &self.dir).map_err(|e| storage(e.to_string()))?;
         let set: Vec<(CardUid, CardStatus)> =
             update.set.iter().map(|e| (e.card_uid, e.status)).collect();
         let entries = if update.is_empty() {

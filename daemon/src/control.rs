@@ -1,6 +1,6 @@
 //! The control socket: read-only questions to a running daemon, so that `id06d events
-//! export` and `id06d outbox stats` work while the daemon holds the database (sled allows
-//! one process at a time).
+//! export`, `outbox stats`, `blocklist lookup` and `blocklist stats` work while the daemon
+//! holds the database (sled allows one process at a time).
 //!
 //! Design: a Unix stream socket `control.sock` in the data directory (mode 0600, so only
 //! the daemon's user and root reach it). A client writes one request line and reads the
@@ -8,13 +8,16 @@
 //!
 //! - `events-since <unix ms>` → one JSON line per recorded event,
 //!   `{"delivered":true,"event":{…}}`, oldest first;
-//! - `outbox-stats` → one JSON line `{"depth":…,"oldest_seq":…,"oldest_at":…,"last_seq":…,"archived":…}`.
+//! - `outbox-stats` → one JSON line `{"depth":…,"oldest_seq":…,"oldest_at":…,"last_seq":…,"archived":…}`;
+//! - `blocklist [uid]` → one JSON line, a [`Summary`] of the list in force (with the
+//!   card's status when a UID is given).
 //!
 //! Anything else gets `error: …` and the connection is closed. Requests are read with a
 //! deadline and a length limit; answers are produced on the blocking pool.
 
+use crate::blocklist::{Blocklist, Summary};
 use crate::outbox::{Outbox, OutboxStats};
-use id06_protocol::{Event, UtcMillis};
+use id06_protocol::{CardUid, Event, UtcMillis};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -83,7 +86,12 @@ impl From<RemoteStats> for OutboxStats {
 
 /// Serves the socket until `shutdown`; removes it at the end. A socket that cannot be made
 /// is logged and the daemon runs on without it.
-pub async fn serve(data_dir: PathBuf, outbox: Outbox, shutdown: CancellationToken) {
+pub async fn serve(
+    data_dir: PathBuf,
+    outbox: Outbox,
+    blocklist: Blocklist,
+    shutdown: CancellationToken,
+) {
     let path = socket_path(&data_dir);
     // A socket left by a daemon that died: we hold the database lock, so it is not in use.
     let _ = std::fs::remove_file(&path);
@@ -108,8 +116,9 @@ pub async fn serve(data_dir: PathBuf, outbox: Outbox, shutdown: CancellationToke
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let outbox = outbox.clone();
+                    let blocklist = blocklist.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = answer(stream, outbox).await {
+                        if let Err(e) = answer(stream, outbox, blocklist).await {
                             tracing::debug!("control socket client: {e}");
                         }
                     });
@@ -124,7 +133,11 @@ pub async fn serve(data_dir: PathBuf, outbox: Outbox, shutdown: CancellationToke
     let _ = std::fs::remove_file(&path);
 }
 
-async fn answer(stream: tokio::net::UnixStream, outbox: Outbox) -> std::io::Result<()> {
+async fn answer(
+    stream: tokio::net::UnixStream,
+    outbox: Outbox,
+    blocklist: Blocklist,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut limited = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
@@ -174,8 +187,24 @@ async fn answer(stream: tokio::net::UnixStream, outbox: Outbox) -> std::io::Resu
                 Err(e) => format!("error: {e}\n").into_bytes(),
             }
         }
+        (Some("blocklist"), uid, None) => {
+            let card = match uid.map(CardUid::parse) {
+                None => Ok(None),
+                Some(Ok(c)) => Ok(Some(c)),
+                Some(Err(e)) => Err(e),
+            };
+            match card {
+                Ok(card) => {
+                    let summary = blocklist.index().summary(card.as_ref());
+                    let mut line = serde_json::to_vec(&summary).unwrap_or_default();
+                    line.push(b'\n');
+                    line
+                }
+                Err(e) => format!("error: {e}\n").into_bytes(),
+            }
+        }
         _ => format!(
-            "error: unknown request {:?} (known: events-since <unix ms>, outbox-stats)\n",
+            "error: unknown request {:?} (known: events-since <unix ms>, outbox-stats, blocklist [uid])\n",
             request.chars().take(64).collect::<String>()
         )
         .into_bytes(),
@@ -251,6 +280,20 @@ pub fn remote_events_since(
                 })
         })
         .collect()
+}
+
+/// The blocklist in force (and `card`'s status), from the daemon running on `data_dir`.
+pub fn remote_blocklist(data_dir: &Path, card: Option<&CardUid>) -> Result<Summary, ControlError> {
+    let request = match card {
+        Some(c) => format!("blocklist {c}"),
+        None => "blocklist".to_string(),
+    };
+    let lines = ask(data_dir, &request)?;
+    let line = lines
+        .first()
+        .ok_or_else(|| ControlError::Refused("no answer".into()))?;
+    serde_json::from_str::<Summary>(line)
+        .map_err(|e| ControlError::Refused(format!("figures this build cannot read: {e}")))
 }
 
 /// The outbox figures, from the daemon running on `data_dir`.

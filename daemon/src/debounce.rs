@@ -52,6 +52,9 @@ struct ReaderDebounce {
     open: Vec<Presentation>,
     /// Each card's last tap on this reader, for `repeat_ms`; pruned as it ages out.
     last_tap: HashMap<CardUid, u64>,
+    /// `last_tap` is pruned when it grows past this (twice its size after the last prune,
+    /// so that a morning rush of thousands of cards costs O(1) per tap, not a full scan).
+    prune_above: usize,
     /// Whether the previous observation found something in the field.
     field_occupied: bool,
     /// Times of presence changes since the last complete read, within the flap window.
@@ -93,9 +96,10 @@ impl Debouncer {
         // Presentations whose card has been away for gone_ms have ended.
         r.open.retain(|p| t.saturating_sub(p.last_read) < s.gone_ms);
         // Forget taps that no longer make a duplicate.
-        if r.last_tap.len() > 64 {
+        if r.last_tap.len() > r.prune_above.max(64) {
             r.last_tap
                 .retain(|_, at| t.saturating_sub(*at) < s.repeat_ms);
+            r.prune_above = 2 * r.last_tap.len();
         }
         while r
             .changes
@@ -407,6 +411,33 @@ mod tests {
             ]
         );
         assert_eq!(hints(&out), vec![(1300, true)]);
+    }
+
+    #[test]
+    fn a_morning_rush_of_many_cards_keeps_every_duplicate_and_stays_bounded() {
+        let mut d = Debouncer::new(DebounceSettings::default());
+        let card = |i: u32| CardUid::from_bytes(&i.to_be_bytes()).unwrap();
+        let mut t = 0;
+        // 2000 workers, one card every 2 ms, each taken away before the next.
+        for round in 0..3u64 {
+            for i in 0..2000u32 {
+                let o = d.observe(t, 0, &Card(card(i)));
+                let expected = if round == 1 {
+                    // Again within repeat_ms (4 s after the first tap): a duplicate.
+                    Some(Verdict::Duplicate(card(i)))
+                } else {
+                    Some(Verdict::Tap(card(i)))
+                };
+                assert_eq!(o.verdict, expected, "round {round}, card {i}");
+                d.observe(t + 1, 0, &NoCard);
+                t += 2;
+                if i == 1999 && round == 1 {
+                    // A break longer than repeat_ms before the third round.
+                    t += DebounceSettings::default().repeat_ms;
+                }
+            }
+        }
+        assert!(d.readers[0].last_tap.len() <= 2 * 2000 + 64);
     }
 
     #[test]

@@ -53,3 +53,4 @@ pub mod shared;
 pub mod signing;
 pub mod store;
 pub mod tls;
+pub mod wal;

@@ -438,19 +438,17 @@ fn blocklist(command: BlocklistCommand) -> Result<(), Failure> {
         BlocklistCommand::Lookup { uid, config } => {
             let config = load_config(&config)?;
             let uid = CardUid::parse(&uid).map_err(|e| usage(format!("{uid:?}: {e}")))?;
-            let store = open_store(&config)?;
-            let bl = Blocklist::open(&store.db, &store.dir).map_err(|e| runtime(e.to_string()))?;
-            let index = bl.index();
-            let status = index
-                .lookup(&uid)
-                .unwrap_or(id06_protocol::CardStatus::Unlisted);
+            let summary = blocklist_summary(&config, Some(&uid))?;
             let now = UtcMillis::now();
+            let status = summary
+                .status
+                .unwrap_or(id06_protocol::CardStatus::Unlisted);
             println!("card {uid}: {status}");
             println!(
                 "blocklist version {}, {}{}",
-                index.version,
-                age_text(index.age_s(now)),
-                if index.is_stale(now, config.blocklist.max_age_hours) {
+                summary.version,
+                age_text(summary.age_s(now)),
+                if summary.is_stale(now, config.blocklist.max_age_hours) {
                     " (stale)"
                 } else {
                     ""
@@ -553,29 +551,19 @@ fn blocklist(command: BlocklistCommand) -> Result<(), Failure> {
         }
         BlocklistCommand::Stats { config } => {
             let config = load_config(&config)?;
-            let store = open_store(&config)?;
-            let bl = Blocklist::open(&store.db, &store.dir).map_err(|e| runtime(e.to_string()))?;
-            let index = bl.index();
+            let summary = blocklist_summary(&config, None)?;
             let now = UtcMillis::now();
             println!(
                 "blocklist version {}: {} listed cards",
-                index.version,
-                index.len()
+                summary.version, summary.listed
             );
-            let counts = index.counts();
-            for s in id06_protocol::CardStatus::ALL {
-                if s.is_listed() {
-                    println!(
-                        "  {:<11} {}",
-                        s.as_str(),
-                        counts.get(&s).copied().unwrap_or(0)
-                    );
-                }
+            for (status, n) in &summary.counts {
+                println!("  {:<11} {n}", status.as_str());
             }
             println!(
                 "{}{}",
-                age_text(index.age_s(now)),
-                if index.is_stale(now, config.blocklist.max_age_hours) {
+                age_text(summary.age_s(now)),
+                if summary.is_stale(now, config.blocklist.max_age_hours) {
                     format!(" — stale (older than {} h)", config.blocklist.max_age_hours)
                 } else {
                     String::new()
@@ -583,6 +571,21 @@ fn blocklist(command: BlocklistCommand) -> Result<(), Failure> {
             );
             Ok(())
         }
+    }
+}
+
+/// The blocklist in force, from the database, or from the running daemon that holds it.
+fn blocklist_summary(
+    config: &Config,
+    card: Option<&CardUid>,
+) -> Result<id06d::blocklist::Summary, Failure> {
+    match open_store_or_running(config)? {
+        Some(store) => {
+            let bl = Blocklist::open(&store.db, &store.dir).map_err(|e| runtime(e.to_string()))?;
+            Ok(bl.index().summary(card))
+        }
+        None => id06d::control::remote_blocklist(&config.data_dir, card)
+            .map_err(|e| runtime(e.to_string())),
     }
 }
 

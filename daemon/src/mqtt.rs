@@ -61,7 +61,7 @@ pub struct MqttTask {
     /// Counters, reader states, wake-ups.
     pub shared: Arc<Shared>,
     /// Decisions to publish on `P/decision`.
-    pub decisions: mpsc::Receiver<Vec<u8>>,
+    pub decisions: mpsc::Receiver<crate::pipeline::Decided>,
     /// When this process started.
     pub started_at: UtcMillis,
     /// Cancelled when the daemon stops: deliver what can be delivered within
@@ -302,13 +302,14 @@ impl MqttTask {
                         self.decisions_closed = true;
                     }
                     let mut next = decision;
-                    while let Some(payload) = next {
+                    while let Some(decided) = next {
                         if connected && drain_deadline.is_none() {
-                            if self.publish_other(client, &mut window, self.topics.decision(), payload, false) {
+                            if self.publish_other(client, &mut window, self.topics.decision(), decided.payload.clone(), false) {
                                 Counters::bump(&self.shared.counters.decisions_published);
                             } else {
                                 Counters::bump(&self.shared.counters.decisions_dropped);
                             }
+                            self.publish_direct(client, &mut window, max_published, decided);
                         } else {
                             // A decision minutes late would open a door at the wrong time.
                             Counters::bump(&self.shared.counters.decisions_dropped);
@@ -407,6 +408,42 @@ impl MqttTask {
             Err(e) => tracing::error!("cannot remove delivered events from the outbox: {e}"),
         }
         window.acked.clear();
+    }
+
+    /// Sends a just-recorded event on `P/event` straight from its decision when it is the
+    /// next one due and the window has room, without waiting to read it back from the
+    /// outbox (the outbox makes its acknowledgement wait until the event is in the
+    /// database). Anything else is left to [`MqttTask::fill`].
+    fn publish_direct(
+        &self,
+        client: &AsyncClient,
+        window: &mut Window,
+        max_published: &mut u64,
+        decided: crate::pipeline::Decided,
+    ) {
+        let seq = decided.seq;
+        if seq == 0 || seq != window.next || !window.ahead.is_empty() || window.in_flight >= WINDOW
+        {
+            return;
+        }
+        if client
+            .try_publish(
+                self.topics.event(),
+                QoS::AtLeastOnce,
+                false,
+                decided.payload,
+            )
+            .is_err()
+        {
+            return;
+        }
+        window.next = seq + 1;
+        window.unassigned.push_back(Tag::Event(seq));
+        window.in_flight += 1;
+        if seq <= *max_published {
+            Counters::bump(&self.shared.counters.redelivered);
+        }
+        *max_published = (*max_published).max(seq);
     }
 
     /// Tops the window up from the outbox, reading ahead [`READ_AHEAD`] events at a time.

@@ -10,15 +10,27 @@
 //! | `t` + card UID bytes | toggle state: direction byte, ms (BE)  |
 //! | `m/last_seq`         | the highest `seq` ever written         |
 //!
-//! One tap's writes (and a whole burst's) go in one atomic sled batch followed by one
-//! fsync: a group commit. `seq` is the larger of `m/last_seq` and the last archived event,
-//! so it never repeats, also after a crash between the write and the flush (a batch is
-//! all or nothing).
+//! One tap's writes (and a whole burst's) are one record in the write-ahead log
+//! ([`crate::wal`]), synced with one `fdatasync` (a group commit); that is the durability
+//! point, and the decisions go out right then. The same writes then go into sled in memory,
+//! one insert at a time (a sled batch would make sled write its buffer out beside every
+//! commit); checkpoints (sled flushed and synced) empty the log, and a start replays what
+//! the log still holds. `seq` is the larger of `m/last_seq` and the last archived event, so
+//! it never repeats, also after a crash (a record is all or nothing).
+//!
+//! Measured on the development VM (ext4 on virtio, `benches/pipeline.rs`,
+//! `benches/delivery.rs`): with sled's own flush plus an `fdatasync` per commit, tap to
+//! broker acknowledgement took 556 µs median; with the log, 310–320 µs, against 175–225 µs
+//! for a bare publish-to-PUBACK plus one `fdatasync`.
 
 use crate::store::{decode_i64, decode_u64, Store, StoreError};
+use crate::wal::{Insert, Wal};
 use id06_protocol::{CardUid, Direction, Event, UtcMillis};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+/// The write-ahead log's file name in the data directory.
+pub const WAL_NAME: &str = "outbox.wal";
 
 const EVENT: u8 = b'e';
 const PENDING: u8 = b'p';
@@ -73,6 +85,10 @@ pub struct Outbox {
     store: Store,
     last_seq: Arc<AtomicU64>,
     depth: Arc<AtomicU64>,
+    wal: Arc<Mutex<Wal>>,
+    /// Held while recorded events go into the database; an acknowledgement waits for it
+    /// (an event sent from its decision can be acknowledged before it is in the database).
+    applying: Arc<Mutex<()>>,
 }
 
 impl Outbox {
@@ -80,6 +96,30 @@ impl Outbox {
     pub fn open(store: &Store) -> Result<Outbox, StoreError> {
         let sled_err = |e| StoreError::from_sled(&store.dir, e);
         let j = &store.journal;
+        let wal_err = |e: std::io::Error| StoreError::Io {
+            dir: store.dir.clone(),
+            detail: format!("the outbox's write-ahead log {WAL_NAME}: {e}"),
+        };
+        // Taps whose record is in the log may not have reached sled's file, or only in
+        // part (a commit puts its inserts into sled one by one): apply every record again,
+        // oldest first, make sled durable, and start an empty log. Re-applying is
+        // idempotent except that it restores the pending marker of an event acknowledged
+        // after its record was written: that event is delivered again (same event_id),
+        // which at-least-once allows; skipping a record instead could lose one.
+        let (mut wal, recovered) = Wal::open(&store.dir.join(WAL_NAME)).map_err(wal_err)?;
+        if !recovered.records.is_empty() {
+            for inserts in &recovered.records {
+                for (k, v) in inserts {
+                    j.insert(k.as_slice(), v.as_slice()).map_err(sled_err)?;
+                }
+            }
+            store.flush()?;
+            wal.reset().map_err(wal_err)?;
+            tracing::info!(
+                records = recovered.records.len(),
+                "replayed the outbox log into the database"
+            );
+        }
         let from_meta = j
             .get(LAST_SEQ)
             .map_err(sled_err)?
@@ -101,6 +141,8 @@ impl Outbox {
             store: store.clone(),
             last_seq: Arc::new(AtomicU64::new(from_meta.max(from_archive))),
             depth: Arc::new(AtomicU64::new(depth)),
+            wal: Arc::new(Mutex::new(wal)),
+            applying: Arc::new(Mutex::new(())),
         })
     }
 
@@ -136,25 +178,40 @@ impl Outbox {
     }
 
     /// Records `events` durably: gives them the next `seq`s (overwriting `seq` and
-    /// `event_id`), writes them and the toggle changes in one atomic batch, and syncs to
+    /// `event_id`), writes them and the toggle changes as one log record, and syncs it to
     /// disk. Returns the events as recorded. On error nothing is recorded and no `seq` is
     /// used up.
     pub fn commit(
         &self,
+        events: Vec<Event>,
+        toggles: &[ToggleRecord],
+    ) -> Result<Vec<Event>, StoreError> {
+        self.commit_then(events, toggles, |_| {})
+    }
+
+    /// [`Outbox::commit`], calling `on_durable` with the recorded events the moment they
+    /// are on disk, before they are readable with [`Outbox::pending_from`] (used to let
+    /// the decisions go while the database is updated in memory).
+    pub fn commit_then(
+        &self,
         mut events: Vec<Event>,
         toggles: &[ToggleRecord],
+        on_durable: impl FnOnce(&[Event]),
     ) -> Result<Vec<Event>, StoreError> {
         if events.is_empty() && toggles.is_empty() {
             return Ok(events);
         }
+        let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
         let mut seq = self.last_seq();
-        let mut batch = sled::Batch::default();
+        let mut inserts: Vec<Insert> = Vec::with_capacity(events.len() * 2 + toggles.len() + 1);
         for e in &mut events {
             seq += 1;
             e.seq = seq;
             e.event_id = Event::event_id_for(&e.terminal_id, seq);
-            batch.insert(&key(EVENT, seq), e.to_json());
-            batch.insert(&key(PENDING, seq), &[][..]);
+            // The event before its pending marker: a reader that sees the marker finds
+            // the event.
+            inserts.push((key(EVENT, seq).to_vec(), e.to_json()));
+            inserts.push((key(PENDING, seq).to_vec(), Vec::new()));
         }
         for t in toggles {
             let mut v = Vec::with_capacity(9);
@@ -163,17 +220,58 @@ impl Outbox {
                 Direction::Out => b'o',
             });
             v.extend_from_slice(&t.at_ms.to_be_bytes());
-            batch.insert(toggle_key(&t.uid), v);
+            inserts.push((toggle_key(&t.uid), v));
         }
-        batch.insert(LAST_SEQ, &seq.to_be_bytes());
-        self.store
-            .journal
-            .apply_batch(batch)
-            .map_err(|e| self.err(e))?;
-        self.store.flush()?;
-        self.last_seq.store(seq, Ordering::Release);
+        inserts.push((LAST_SEQ.to_vec(), seq.to_be_bytes().to_vec()));
+        // The durability point: one record, one fdatasync.
+        wal.append(&inserts).map_err(|e| self.wal_err(e))?;
+        let applying = self.applying.lock().unwrap_or_else(|e| e.into_inner());
+        on_durable(&events);
         self.depth.fetch_add(events.len() as u64, Ordering::AcqRel);
+        // One insert at a time, not a sled batch (the log record already makes them all
+        // or nothing; a batch would make sled write its buffer out beside every commit).
+        for (k, v) in &inserts {
+            if let Err(e) = self.store.journal.insert(k.as_slice(), v.as_slice()) {
+                // The events are durable in the log and their decisions are out: they
+                // keep their seqs and reach the database when the log is replayed at
+                // the next start. Until then no checkpoint may empty the log.
+                wal.pin();
+                tracing::error!(
+                    "cannot add recorded events to the database ({}); they are safe in {WAL_NAME} and are delivered after a restart",
+                    self.err(e)
+                );
+                break;
+            }
+        }
+        // Only now: whoever reads last_seq and then the pending markers finds them all.
+        self.last_seq.store(seq, Ordering::Release);
+        drop(applying);
+        if wal.checkpoint_due() {
+            if let Err(e) = self.checkpoint_locked(&mut wal) {
+                // The taps are safe in the log; the next commit tries again.
+                tracing::warn!("outbox checkpoint failed: {e}");
+            }
+        }
         Ok(events)
+    }
+
+    fn wal_err(&self, e: std::io::Error) -> StoreError {
+        StoreError::Io {
+            dir: self.store.dir.clone(),
+            detail: format!("the outbox's write-ahead log {WAL_NAME}: {e}"),
+        }
+    }
+
+    fn checkpoint_locked(&self, wal: &mut Wal) -> Result<(), StoreError> {
+        self.store.flush()?;
+        wal.reset().map_err(|e| self.wal_err(e))
+    }
+
+    /// Makes sled hold everything durably and empties the log (at a clean stop, so that
+    /// the next start has nothing to replay).
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
+        self.checkpoint_locked(&mut wal)
     }
 
     /// Up to `limit` undelivered events with `seq >= from`, in `seq` order, as JSON.
@@ -219,20 +317,22 @@ impl Outbox {
     /// were still in it.
     pub fn ack_many(&self, seqs: &[u64]) -> Result<u64, StoreError> {
         let j = &self.store.journal;
-        let mut batch = sled::Batch::default();
+        let _applied = self.applying.lock().unwrap_or_else(|e| e.into_inner());
         let mut removed = 0u64;
         let mut unique = seqs.to_vec();
         unique.sort_unstable();
         unique.dedup();
+        // One remove at a time, not a sled batch: a batch makes sled write its buffer out
+        // at once, and a removal lost in a crash only means a redelivery.
         for seq in &unique {
-            let k = key(PENDING, *seq);
-            if j.contains_key(k).map_err(|e| self.err(e))? {
-                batch.remove(&k);
+            if j.remove(key(PENDING, *seq))
+                .map_err(|e| self.err(e))?
+                .is_some()
+            {
                 removed += 1;
             }
         }
         if removed > 0 {
-            j.apply_batch(batch).map_err(|e| self.err(e))?;
             self.depth.fetch_sub(removed, Ordering::AcqRel);
         }
         Ok(removed)
@@ -411,11 +511,53 @@ mod tests {
         assert_eq!(next, vec![2, 4, 5]);
         let json = &o.pending_from(300, 1).unwrap()[0].1;
         assert_eq!(Event::from_json(json).unwrap().seq, 300);
-        // The depth is recovered on reopening.
+        // The depth is recovered on reopening after a checkpoint (a clean stop).
+        o.checkpoint().unwrap();
         drop(o);
         let o = Outbox::open(&store).unwrap();
         assert_eq!(o.depth(), 297);
         assert_eq!(o.first_pending().unwrap(), Some(1));
+    }
+
+    #[test]
+    fn a_stop_without_checkpoint_replays_the_log_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), "t1").unwrap();
+            let o = Outbox::open(&store).unwrap();
+            o.commit((0..10).map(|i| draft("04A1B2C3", i)).collect(), &[])
+                .unwrap();
+            o.checkpoint().unwrap();
+            o.ack_many(&[1, 2]).unwrap();
+            o.checkpoint().unwrap();
+            o.commit((10..20).map(|i| draft("04A1B2C3", i)).collect(), &[])
+                .unwrap();
+            o.ack_many(&[3, 11]).unwrap();
+            // Stop without a checkpoint. (Dropping the handles is not a power cut: sled
+            // may still write what it holds. Whatever it wrote, the replay must leave
+            // every unacknowledged event pending; kill -9 in the middle of taps is in
+            // tests/integration/faults.rs.)
+        }
+        let store = Store::open(dir.path(), "t1").unwrap();
+        let o = Outbox::open(&store).unwrap();
+        assert_eq!(o.last_seq(), 20);
+        let pending: Vec<u64> = o
+            .pending_from(1, 100)
+            .unwrap()
+            .iter()
+            .map(|p| p.0)
+            .collect();
+        // 1 and 2 were acknowledged before a checkpoint: gone. 11's acknowledgement came
+        // after the record that holds it, so the replay delivers it again (at least once);
+        // 3's record was checkpointed, so whether its acknowledgement stuck is up to sled.
+        for seq in (4..=10).chain(12..=20).chain([11]) {
+            assert!(
+                pending.contains(&seq),
+                "seq {seq} must still be pending: {pending:?}"
+            );
+        }
+        assert!(!pending.contains(&1) && !pending.contains(&2));
+        assert_eq!(o.depth(), pending.len() as u64);
     }
 
     #[test]

@@ -28,6 +28,17 @@ const BURST: usize = 512;
 /// The most events held in memory while the disk refuses them.
 const MAX_UNSTORED: usize = 100_000;
 
+/// A decision for `P/decision`: the event as JSON, and its `seq` once it is durable (0 while
+/// the disk refuses it). A durable one's payload is byte for byte the stored event, so the
+/// MQTT task may send it on `P/event` too when it is the next one due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decided {
+    /// `seq` of the durable event, 0 if not stored yet.
+    pub seq: u64,
+    /// The event as JSON.
+    pub payload: Vec<u8>,
+}
+
 /// What the pipeline needs to know about a reader.
 #[derive(Debug, Clone)]
 pub struct ReaderInfo {
@@ -58,7 +69,7 @@ pub struct Pipeline {
     /// Counters, reader states, wake-up.
     pub shared: Arc<Shared>,
     /// Decisions for `P/decision` (best effort: dropped when full).
-    pub decisions: mpsc::Sender<Vec<u8>>,
+    pub decisions: mpsc::Sender<Decided>,
     /// The zero point of the debouncer's clock.
     pub epoch: Instant,
     /// Whether the clock was synchronised at the last tap (to log changes once).
@@ -289,8 +300,22 @@ impl Pipeline {
                 let events: Vec<Event> = unstored.iter().map(|p| p.event.clone()).collect();
                 let toggles: Vec<ToggleRecord> =
                     unstored.iter().filter_map(|p| p.toggle).collect();
+                let announced: Vec<bool> = unstored.iter().map(|p| p.announced).collect();
+                let (decisions, counters) = (&self.decisions, &self.shared.counters);
+                // The decisions go the moment the events are on disk; the database is
+                // updated in memory while the MQTT task sends them.
                 self.outbox
-                    .commit(events, &toggles)
+                    .commit_then(events, &toggles, |recorded| {
+                        for (e, was_announced) in recorded.iter().zip(&announced) {
+                            let decided = Decided {
+                                seq: e.seq,
+                                payload: e.to_json(),
+                            };
+                            if !was_announced && decisions.try_send(decided).is_err() {
+                                Counters::bump(&counters.decisions_dropped);
+                            }
+                        }
+                    })
                     .map_err(|e| e.to_string())
             }
         };
@@ -299,7 +324,6 @@ impl Pipeline {
         match result {
             Ok(recorded) => {
                 let late = unstored.iter().filter(|p| p.announced).count();
-                let announced: Vec<bool> = unstored.iter().map(|p| p.announced).collect();
                 unstored.clear();
                 *retry_at = None;
                 if let Ok(mut e) = self.shared.storage_error.lock() {
@@ -312,7 +336,8 @@ impl Pipeline {
                     }
                 }
                 self.record_unstored(None);
-                for (e, was_announced) in recorded.iter().zip(announced) {
+                self.shared.wake.notify_one();
+                for e in &recorded {
                     Counters::bump(&c.taps);
                     match e.reason {
                         None => Counters::bump(&c.granted),
@@ -328,11 +353,7 @@ impl Pipeline {
                         reason = e.reason.map_or("", |r| r.as_str()),
                         "tap"
                     );
-                    if !was_announced && self.decisions.try_send(e.to_json()).is_err() {
-                        Counters::bump(&c.decisions_dropped);
-                    }
                 }
-                self.shared.wake.notify_one();
             }
             Err(message) => {
                 Counters::bump(&c.storage_failures);
@@ -364,7 +385,11 @@ impl Pipeline {
                         reason = e.reason.map_or("", |r| r.as_str()),
                         "tap decided but not yet stored (disk full)"
                     );
-                    if self.decisions.try_send(e.to_json()).is_err() {
+                    let decided = Decided {
+                        seq: 0,
+                        payload: e.to_json(),
+                    };
+                    if self.decisions.try_send(decided).is_err() {
                         Counters::bump(&c.decisions_dropped);
                     }
                 }

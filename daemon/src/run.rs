@@ -212,6 +212,7 @@ pub async fn run(
     let control = tokio::spawn(crate::control::serve(
         store.dir.clone(),
         outbox.clone(),
+        blocklist.clone(),
         control_stop.clone(),
     ));
 
@@ -330,7 +331,7 @@ pub async fn run(
     if let Some(m) = metrics {
         m.abort();
     }
-    store.flush()?;
+    outbox.checkpoint()?;
     tracing::info!(
         last_seq = outbox.last_seq(),
         outbox_depth = outbox.depth(),

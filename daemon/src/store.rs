@@ -120,7 +120,10 @@ impl Store {
             sled::Config::new()
                 .path(&db_path)
                 .cache_capacity(64 * 1024 * 1024)
-                .flush_every_ms(Some(500))
+                // No background flusher: the outbox log makes taps durable and its
+                // checkpoints flush sled (a flusher thread would keep the disk busy with
+                // sync_file_range beside every commit).
+                .flush_every_ms(None)
                 .open()
         });
         let db = match opened {
@@ -188,7 +191,7 @@ impl Store {
                 b.insert("terminal_id", terminal_id.as_bytes());
                 b.insert("format", &FORMAT_VERSION.to_be_bytes());
                 self.meta.apply_batch(b).map_err(sled_err)?;
-                self.db.flush().map_err(sled_err)?;
+                self.flush()?;
             }
         }
         Ok(())
@@ -198,7 +201,7 @@ impl Store {
     ///
     /// sled 0.34 ends its own flush on Linux with `sync_file_range`, which neither writes
     /// the file's metadata (the blocks an appended log just got) nor flushes the disk's
-    /// write cache; its true `fsync` comes only from a background thread every 500 ms. So
+    /// write cache; its true `fsync` would come only from its background thread, which we turn off. So
     /// after sled has written its buffers, `fdatasync` on its log file makes them durable.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db
@@ -210,6 +213,20 @@ impl Store {
             detail: format!("cannot sync the database log: {e}"),
         })
     }
+}
+
+/// [`Store::flush`] for code that holds only the `sled::Db` of the store in `dir`: sled's
+/// flush, then `fdatasync` on its log file.
+pub fn flush_db(db: &sled::Db, dir: &Path) -> Result<(), StoreError> {
+    db.flush().map_err(|e| StoreError::from_sled(dir, e))?;
+    let io = |e: std::io::Error| StoreError::Io {
+        dir: dir.to_path_buf(),
+        detail: format!("cannot sync the database log: {e}"),
+    };
+    std::fs::File::open(dir.join("db").join("db"))
+        .map_err(io)?
+        .sync_data()
+        .map_err(io)
 }
 
 /// A big-endian u64 from stored bytes.

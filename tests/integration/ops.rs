@@ -208,7 +208,8 @@ fn systemd_accepts_the_unit_and_rates_its_exposure_below_2() {
 }
 
 #[test]
-fn events_export_and_outbox_stats_work_while_the_daemon_runs_and_after_it_stopped() {
+fn events_export_outbox_stats_and_blocklist_lookups_work_while_the_daemon_runs_and_after_it_stopped(
+) {
     let dir = scratch();
     let broker = broker(dir.path());
     write_script(
@@ -286,6 +287,39 @@ fn events_export_and_outbox_stats_work_while_the_daemon_runs_and_after_it_stoppe
         vec![1, 2, 3]
     );
 
+    // The blocklist in force, from the running daemon.
+    let lookup = || {
+        let (code, out, err) = id06d(&["blocklist", "lookup", "04B10000000002", "--config", &path]);
+        assert_eq!(code, 0, "lookup: {err}");
+        out
+    };
+    let bl_stats = || {
+        let (code, out, err) = id06d(&["blocklist", "stats", "--config", &path]);
+        assert_eq!(code, 0, "blocklist stats: {err}");
+        out
+    };
+    let running_lookup = lookup();
+    assert!(
+        running_lookup
+            .starts_with("card 04B10000000002: suspended\nblocklist version 1, confirmed "),
+        "{running_lookup}"
+    );
+    let running_stats = bl_stats();
+    assert!(
+        running_stats.starts_with("blocklist version 1: 1 listed cards\n"),
+        "{running_stats}"
+    );
+    assert!(
+        running_stats.contains("  suspended   1\n"),
+        "{running_stats}"
+    );
+    assert!(
+        running_stats.contains("  blocked     0\n"),
+        "{running_stats}"
+    );
+    let (code, _, err) = id06d(&["blocklist", "lookup", "not-a-uid", "--config", &path]);
+    assert_eq!(code, 2, "a bad UID is a usage error: {err}");
+
     // Anything but a known request gets one error line; the daemon carries on.
     {
         use std::io::{Read, Write};
@@ -307,4 +341,7 @@ fn events_export_and_outbox_stats_work_while_the_daemon_runs_and_after_it_stoppe
         running_csv,
         "the same export from the database itself"
     );
+    let first_line = |t: &str| t.lines().next().unwrap_or_default().to_string();
+    assert_eq!(first_line(&lookup()), first_line(&running_lookup));
+    assert_eq!(first_line(&bl_stats()), first_line(&running_stats));
 }
