@@ -24,13 +24,15 @@
 //! for a bare publish-to-PUBACK plus one `fdatasync`.
 
 use crate::store::{decode_i64, decode_u64, Store, StoreError};
-use crate::wal::{Insert, Wal};
+use crate::wal::{AckLog, Insert, Wal};
 use id06_protocol::{CardUid, Direction, Event, UtcMillis};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The write-ahead log's file name in the data directory.
 pub const WAL_NAME: &str = "outbox.wal";
+/// The acknowledgement log's file name in the data directory.
+pub const ACKS_NAME: &str = "outbox.acks";
 
 const EVENT: u8 = b'e';
 const PENDING: u8 = b'p';
@@ -89,6 +91,8 @@ pub struct Outbox {
     /// Held while recorded events go into the database; an acknowledgement waits for it
     /// (an event sent from its decision can be acknowledged before it is in the database).
     applying: Arc<Mutex<()>>,
+    /// Acknowledgements since the last checkpoint (see [`AckLog`]).
+    acks: Arc<Mutex<AckLog>>,
 }
 
 impl Outbox {
@@ -104,8 +108,9 @@ impl Outbox {
         // part (a commit puts its inserts into sled one by one): apply every record again,
         // oldest first, make sled durable, and start an empty log. Re-applying is
         // idempotent except that it restores the pending marker of an event acknowledged
-        // after its record was written: that event is delivered again (same event_id),
-        // which at-least-once allows; skipping a record instead could lose one.
+        // after its record was written; the acknowledgement log below takes it out again
+        // (if that log was lost in a power cut, the event is delivered again with the same
+        // event_id, which at-least-once allows; skipping a record instead could lose one).
         let (mut wal, recovered) = Wal::open(&store.dir.join(WAL_NAME)).map_err(wal_err)?;
         if !recovered.records.is_empty() {
             for inserts in &recovered.records {
@@ -113,11 +118,25 @@ impl Outbox {
                     j.insert(k.as_slice(), v.as_slice()).map_err(sled_err)?;
                 }
             }
+        }
+        // Then the acknowledgements noted since the last checkpoint (the replay may just
+        // have restored their pending markers).
+        let (mut acks, acked) =
+            AckLog::open(&store.dir.join(ACKS_NAME)).map_err(|e| StoreError::Io {
+                dir: store.dir.clone(),
+                detail: format!("the outbox's acknowledgement log {ACKS_NAME}: {e}"),
+            })?;
+        for seq in &acked {
+            j.remove(key(PENDING, *seq)).map_err(sled_err)?;
+        }
+        if !recovered.records.is_empty() || !acked.is_empty() {
             store.flush()?;
             wal.reset().map_err(wal_err)?;
+            acks.clear().map_err(wal_err)?;
             tracing::info!(
                 records = recovered.records.len(),
-                "replayed the outbox log into the database"
+                acknowledgements = acked.len(),
+                "replayed the outbox logs into the database"
             );
         }
         let from_meta = j
@@ -143,6 +162,7 @@ impl Outbox {
             depth: Arc::new(AtomicU64::new(depth)),
             wal: Arc::new(Mutex::new(wal)),
             applying: Arc::new(Mutex::new(())),
+            acks: Arc::new(Mutex::new(acks)),
         })
     }
 
@@ -263,8 +283,16 @@ impl Outbox {
     }
 
     fn checkpoint_locked(&self, wal: &mut Wal) -> Result<(), StoreError> {
+        // No acknowledgement between the flush and clearing their log: each is either in
+        // the flushed database or still in the log.
+        let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
         self.store.flush()?;
-        wal.reset().map_err(|e| self.wal_err(e))
+        wal.reset().map_err(|e| self.wal_err(e))?;
+        if let Err(e) = acks.clear() {
+            // Harmless: acknowledgements applied again at the next start are still true.
+            tracing::warn!("cannot empty the outbox's acknowledgement log {ACKS_NAME}: {e}");
+        }
+        Ok(())
     }
 
     /// Makes sled hold everything durably and empties the log (at a clean stop, so that
@@ -322,8 +350,10 @@ impl Outbox {
         let mut unique = seqs.to_vec();
         unique.sort_unstable();
         unique.dedup();
+        let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
+        acks.append(&unique);
         // One remove at a time, not a sled batch: a batch makes sled write its buffer out
-        // at once, and a removal lost in a crash only means a redelivery.
+        // at once, and a removal lost in a power cut only means a redelivery.
         for seq in &unique {
             if j.remove(key(PENDING, *seq))
                 .map_err(|e| self.err(e))?
@@ -353,16 +383,7 @@ impl Outbox {
     /// The broker acknowledged `seq`: it leaves the outbox (the archive keeps it). Not
     /// synced on its own: losing an acknowledgement in a crash means one redelivery.
     pub fn ack(&self, seq: u64) -> Result<bool, StoreError> {
-        let removed = self
-            .store
-            .journal
-            .remove(key(PENDING, seq))
-            .map_err(|e| self.err(e))?
-            .is_some();
-        if removed {
-            self.depth.fetch_sub(1, Ordering::AcqRel);
-        }
-        Ok(removed)
+        Ok(self.ack_many(&[seq])? == 1)
     }
 
     /// An archived event by `seq`.
@@ -520,7 +541,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stop_without_checkpoint_replays_the_log_and_loses_nothing() {
+    fn a_stop_without_checkpoint_replays_the_logs_and_loses_nothing_acknowledged_or_not() {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path(), "t1").unwrap();
@@ -547,16 +568,11 @@ mod tests {
             .iter()
             .map(|p| p.0)
             .collect();
-        // 1 and 2 were acknowledged before a checkpoint: gone. 11's acknowledgement came
-        // after the record that holds it, so the replay delivers it again (at least once);
-        // 3's record was checkpointed, so whether its acknowledgement stuck is up to sled.
-        for seq in (4..=10).chain(12..=20).chain([11]) {
-            assert!(
-                pending.contains(&seq),
-                "seq {seq} must still be pending: {pending:?}"
-            );
-        }
-        assert!(!pending.contains(&1) && !pending.contains(&2));
+        // Every acknowledgement sticks (1 and 2 by the checkpoint, 3 and 11 by the
+        // acknowledgement log, also though the replay of 11's record restored its marker);
+        // everything else is still pending.
+        let expected: Vec<u64> = (4..=10).chain(12..=20).collect();
+        assert_eq!(pending, expected);
         assert_eq!(o.depth(), pending.len() as u64);
     }
 

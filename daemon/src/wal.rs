@@ -20,9 +20,10 @@
 //! record (a crash in the middle of an append) ends the log: it never reached anyone,
 //! because the append had not returned.
 //!
-//! Replaying an insert that sled already had is harmless; replaying the pending marker of
-//! an event that was delivered after the record was written re-delivers it (same
-//! `event_id`), which at-least-once allows.
+//! Replaying an insert that sled already had is harmless; the pending marker of an event
+//! that was delivered after the record was written comes back, and [`AckLog`] removes it
+//! again (where that log was lost, in a power cut, the event is delivered twice with the
+//! same `event_id`, which at-least-once allows).
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -263,6 +264,97 @@ impl Wal {
     }
 }
 
+/// The acknowledgement log: which events the broker has acknowledged since the last
+/// checkpoint, so that a restart after `kill -9` does not deliver them again.
+///
+/// An acknowledgement removes the event's pending marker in sled's memory only; without
+/// this log a crash would bring back every marker removed since the last checkpoint (and
+/// the log replay would too). Entries are appended without a sync: they survive a process
+/// crash (the page cache does), and after a power cut the worst case is a redelivery.
+/// Applying an acknowledgement is always right, however old, because a `seq` is never
+/// reused, so the file needs no epoch: a checkpoint just truncates it.
+///
+/// Entry: `seq: u64 LE`, `seq ^ ACK_CHECK: u64 LE` (zeros or a torn entry do not pass).
+#[derive(Debug)]
+pub struct AckLog {
+    file: File,
+    len: u64,
+    failed: bool,
+}
+
+const ACK_CHECK: u64 = 0x1d06_ac4e_d5ee_0001;
+
+/// Decodes an acknowledgement log; stops at the first entry that does not check.
+pub fn decode_acks(bytes: &[u8]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for entry in bytes.chunks_exact(16) {
+        let mut a = [0u8; 8];
+        let mut b = [0u8; 8];
+        a.copy_from_slice(&entry[..8]);
+        b.copy_from_slice(&entry[8..]);
+        let (seq, check) = (u64::from_le_bytes(a), u64::from_le_bytes(b));
+        if seq == 0 || seq ^ ACK_CHECK != check {
+            break;
+        }
+        out.push(seq);
+    }
+    out
+}
+
+impl AckLog {
+    /// Opens (creating) the log at `path` and returns the acknowledged seqs it holds.
+    pub fn open(path: &Path) -> std::io::Result<(AckLog, Vec<u64>)> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        let acks = decode_acks(&bytes);
+        let len = acks.len() as u64 * 16;
+        Ok((
+            AckLog {
+                file,
+                len,
+                failed: false,
+            },
+            acks,
+        ))
+    }
+
+    /// Notes acknowledged seqs (no sync). A failure is logged once and otherwise only
+    /// means redeliveries after a crash.
+    pub fn append(&mut self, seqs: &[u64]) {
+        let mut bytes = Vec::with_capacity(seqs.len() * 16);
+        for seq in seqs {
+            bytes.extend_from_slice(&seq.to_le_bytes());
+            bytes.extend_from_slice(&(seq ^ ACK_CHECK).to_le_bytes());
+        }
+        match self.file.write_all_at(&bytes, self.len) {
+            Ok(()) => self.len += bytes.len() as u64,
+            Err(e) => {
+                if !self.failed {
+                    tracing::warn!("cannot note acknowledgements in the outbox's ack log ({e}); after a crash they are delivered again");
+                    self.failed = true;
+                }
+            }
+        }
+    }
+
+    /// Empties the log (once the acknowledgements in it are durable in sled).
+    pub fn clear(&mut self) -> std::io::Result<()> {
+        if self.len == 0 {
+            return Ok(());
+        }
+        self.file.set_len(0)?;
+        self.len = 0;
+        self.failed = false;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,6 +481,40 @@ mod tests {
             let d = decode(&bytes);
             prop_assert_eq!(d.records, recs);
             prop_assert_eq!(d.len, clean);
+        }
+    }
+
+    #[test]
+    fn acknowledgements_come_back_and_garbage_ends_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a");
+        {
+            let (mut a, acks) = AckLog::open(&path).unwrap();
+            assert!(acks.is_empty());
+            a.append(&[3, 4]);
+            a.append(&[9]);
+        }
+        let (mut a, acks) = AckLog::open(&path).unwrap();
+        assert_eq!(acks, vec![3, 4, 9]);
+        a.append(&[10]);
+        a.clear().unwrap();
+        a.append(&[11]);
+        drop(a);
+        assert_eq!(AckLog::open(&path).unwrap().1, vec![11]);
+        // A torn entry or zeros after the good ones are not acknowledgements.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend_from_slice(&12u64.to_le_bytes());
+        bytes.extend_from_slice(&[0u8; 24]);
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(AckLog::open(&path).unwrap().1, vec![11]);
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_decode_to_acks_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let acks = decode_acks(&bytes);
+            prop_assert!(acks.len() * 16 <= bytes.len());
+            prop_assert!(acks.iter().all(|s| *s != 0));
         }
     }
 }

@@ -24,8 +24,8 @@ pub struct GatewayStatus {
     /// Whether the blocklist is older than `max_age_hours`.
     #[serde(default)]
     pub blocklist_stale: bool,
-    /// A blocklist update arrived whose `from_version` is ahead of ours: the versions missing,
-    /// as `[from, to)`; cleared by the update or snapshot that closes it.
+    /// A blocklist update arrived whose `from_version` is ahead of ours: `[the version in
+    /// force, that update's from_version]`; cleared by the update or snapshot that closes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocklist_gap: Option<[u64; 2]>,
     /// The last failure to store an event durably (a full or broken disk), while it lasts.
