@@ -156,6 +156,32 @@ pub fn decode(bytes: &[u8]) -> Decoded {
     }
 }
 
+/// Opens `path` for reading and writing, creating it if missing. A file created here gets
+/// the owner of its folder: an operator's `sudo id06d events export` on a stopped gateway
+/// must not leave a root-owned log that the daemon's own user cannot open.
+fn open_rw(path: &Path) -> std::io::Result<File> {
+    let existed = path.exists();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    if !existed {
+        use std::os::unix::fs::MetadataExt;
+        if let Some(parent) = path.parent() {
+            let (dir, me) = (std::fs::metadata(parent)?, file.metadata()?);
+            if (dir.uid(), dir.gid()) != (me.uid(), me.gid()) {
+                // Only root can give a file away; for anyone else the owners already match.
+                if let Err(e) = std::os::unix::fs::fchown(&file, Some(dir.uid()), Some(dir.gid())) {
+                    tracing::warn!(path = %path.display(), "cannot give the new file to the owner of its folder: {e}");
+                }
+            }
+        }
+    }
+    Ok(file)
+}
+
 fn new_epoch() -> u64 {
     let mut b = [0u8; 8];
     if getrandom::getrandom(&mut b).is_err() {
@@ -173,12 +199,7 @@ impl Wal {
     /// Opens (creating) the log at `path` and returns what it holds; the file is grown to
     /// [`PREALLOC`] bytes of zeros if shorter.
     pub fn open(path: &Path) -> std::io::Result<(Wal, Recovered)> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let mut file = open_rw(path)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
         let decoded = decode(&bytes);
@@ -304,12 +325,7 @@ pub fn decode_acks(bytes: &[u8]) -> Vec<u64> {
 impl AckLog {
     /// Opens (creating) the log at `path` and returns the acknowledged seqs it holds.
     pub fn open(path: &Path) -> std::io::Result<(AckLog, Vec<u64>)> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let mut file = open_rw(path)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
         let acks = decode_acks(&bytes);
@@ -515,6 +531,21 @@ mod tests {
             let acks = decode_acks(&bytes);
             prop_assert!(acks.len() * 16 <= bytes.len());
             prop_assert!(acks.iter().all(|s| *s != 0));
+        }
+    }
+
+    #[test]
+    fn a_new_log_belongs_to_the_owner_of_its_folder() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        // A folder owned by someone else, as the daemon's data directory is for root.
+        std::os::unix::fs::chown(dir.path(), Some(4242), Some(4343))
+            .unwrap_or_else(|e| panic!("the tests run as root (see README); chown failed: {e}"));
+        Wal::open(&dir.path().join("w")).unwrap();
+        AckLog::open(&dir.path().join("a")).unwrap();
+        for name in ["w", "a"] {
+            let m = std::fs::metadata(dir.path().join(name)).unwrap();
+            assert_eq!((m.uid(), m.gid()), (4242, 4343), "{name}");
         }
     }
 }
