@@ -143,14 +143,13 @@ pub async fn serve(listener: std::net::TcpListener, source: MetricsSource) -> st
         let source = source.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(
+            let Ok(Ok(n)) = tokio::time::timeout(
                 std::time::Duration::from_secs(5),
-                stream.read(&mut buf),
+                read_head(&mut stream, &mut buf),
             )
             .await
-            {
-                Ok(Ok(n)) => n,
-                _ => return,
+            else {
+                return;
             };
             let request = String::from_utf8_lossy(&buf[..n]);
             let (status, body) =
@@ -166,5 +165,61 @@ pub async fn serve(listener: std::net::TcpListener, source: MetricsSource) -> st
             let _ = stream.write_all(response.as_bytes()).await;
             let _ = stream.shutdown().await;
         });
+    }
+}
+
+/// Reads a request until the end of its head (an empty line), the end of the stream or a
+/// full buffer: a client may send the request line in several pieces, and answering
+/// after the first one would judge a half-read path and reset the client's later writes.
+async fn read_head(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        let got = stream.read(&mut buf[n..]).await?;
+        if got == 0 {
+            break;
+        }
+        n += got;
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
+            || buf[..n].windows(2).any(|w| w == b"\n\n")
+        {
+            break;
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_head;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_request_sent_in_pieces_is_read_to_the_end_of_its_head() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 256];
+            let n = read_head(&mut server, &mut buf).await.unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        for piece in ["GET /met", "rics HTTP/1.0\r\n", "\r\n"] {
+            client.write_all(piece.as_bytes()).await.unwrap();
+            // Let the reader take this piece on its own before the next one arrives.
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert_eq!(reader.await.unwrap(), "GET /metrics HTTP/1.0\r\n\r\n");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_client_that_closes_early_gives_what_it_sent() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(b"GET /x").await.unwrap();
+        drop(client);
+        let mut buf = [0u8; 256];
+        assert_eq!(read_head(&mut server, &mut buf).await.unwrap(), 6);
     }
 }

@@ -13,7 +13,10 @@ fn http_get(port: u16, path: &str) -> String {
         return String::new();
     };
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    if write!(s, "GET {path} HTTP/1.0\r\n\r\n").is_err() {
+    // One write: the request line must not reach the server in pieces by accident.
+    if s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .is_err()
+    {
         return String::new();
     }
     let mut out = String::new();
