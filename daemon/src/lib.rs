@@ -6,8 +6,8 @@
 //! The pipeline, one owner per stage:
 //!
 //! ```text
-//! readers (one task or thread each) ──ReaderMessage──▶ tap pipeline thread
-//!     debouncer ─▶ decide (blocklist index) ─▶ outbox commit (sled, fsync)
+//! readers (one task or thread each) ──ReaderMessage──▶ tap pipeline  } one thread,
+//!     debouncer ─▶ decide (blocklist index) ─▶ outbox commit (log, fdatasync) } one runtime
 //!         ─▶ decisions ──▶ MQTT task ──▶ P/decision
 //!         ─▶ wake      ──▶ MQTT task ──▶ P/event in seq order, outbox entry removed on PUBACK
 //! ```

@@ -1,6 +1,7 @@
 //! The tap pipeline: reader messages in, durable events out.
 //!
-//! Runs on its own OS thread and owns the debouncer and the outbox writer. It takes every
+//! Runs on its own OS thread (shared with the MQTT task) and owns the debouncer and the
+//! outbox writer. It takes every
 //! message that is waiting (a burst), debounces and decides each, records all resulting
 //! events in one batch with one fsync (group commit), and only then hands the decisions to
 //! the MQTT task and logs the taps. If the disk refuses, the events wait in a bounded
@@ -90,12 +91,17 @@ struct Pending {
 impl Pipeline {
     /// Runs until every sender of `rx` is gone (all readers stopped), then writes what is
     /// left and returns.
-    pub fn run(mut self, mut rx: mpsc::Receiver<ReaderMessage>) {
+    ///
+    /// Meant for a current-thread runtime shared with the MQTT task (see `run.rs`): a
+    /// commit blocks the thread for its `fdatasync`, and the decisions it makes are sent by
+    /// the MQTT task on the same thread as soon as this loop waits again, without waking
+    /// another core.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<ReaderMessage>) {
         let mut unstored: VecDeque<Pending> = VecDeque::new();
         let mut retry_at: Option<Instant> = None;
         loop {
             let first = if unstored.is_empty() {
-                match rx.blocking_recv() {
+                match rx.recv().await {
                     Some(m) => Some(m),
                     None => break,
                 }
@@ -104,10 +110,10 @@ impl Pipeline {
                 let wait = retry_at
                     .map(|t| t.saturating_duration_since(Instant::now()))
                     .unwrap_or_default();
-                match recv_timeout(&mut rx, wait) {
-                    Recv::Message(m) => Some(m),
-                    Recv::Timeout => None,
-                    Recv::Closed => {
+                match tokio::time::timeout(wait, rx.recv()).await {
+                    Ok(Some(m)) => Some(m),
+                    Err(_) => None,
+                    Ok(None) => {
                         self.store(&mut unstored, &mut retry_at);
                         if !unstored.is_empty() {
                             tracing::error!(
@@ -139,6 +145,9 @@ impl Pipeline {
                 .heartbeat
                 .pipeline_busy_since
                 .store(0, std::sync::atomic::Ordering::Release);
+            // Let the MQTT task send the decisions just made before the next batch, even
+            // when readers keep this loop busy.
+            tokio::task::yield_now().await;
         }
         self.store(&mut unstored, &mut retry_at);
     }
@@ -414,27 +423,5 @@ impl Pipeline {
                 tracing::warn!("cannot update unstored.state: {e}");
             }
         }
-    }
-}
-
-enum Recv {
-    Message(ReaderMessage),
-    Timeout,
-    Closed,
-}
-
-/// `blocking_recv` with a deadline (tokio's mpsc has none for blocking callers).
-fn recv_timeout(rx: &mut mpsc::Receiver<ReaderMessage>, wait: Duration) -> Recv {
-    let deadline = Instant::now() + wait;
-    loop {
-        match rx.try_recv() {
-            Ok(m) => return Recv::Message(m),
-            Err(mpsc::error::TryRecvError::Disconnected) => return Recv::Closed,
-            Err(mpsc::error::TryRecvError::Empty) => {}
-        }
-        if Instant::now() >= deadline {
-            return Recv::Timeout;
-        }
-        std::thread::sleep(Duration::from_millis(5).min(wait));
     }
 }
