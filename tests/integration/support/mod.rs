@@ -4,7 +4,9 @@
 
 #![allow(dead_code)]
 
+pub mod lossyfs;
 pub use id06d::broker::LocalBroker;
+pub use lossyfs::LossyMount;
 use rumqttc::{Client, Event as MqttEvent, MqttOptions, Packet, QoS};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
