@@ -158,7 +158,49 @@ fn time(secs: i64, nsecs: i64) -> SystemTime {
     }
 }
 
+fn answer_empty(reply: ReplyEmpty, result: Result<(), Errno>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn answer_entry(reply: ReplyEntry, result: Result<FileAttr, Errno>) {
+    match result {
+        Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+        Err(e) => reply.error(e),
+    }
+}
+
 impl LossyFs {
+    /// Removes a name (file or directory, by `how`) and forgets its inode and contents.
+    fn remove(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        how: impl FnOnce(&Path) -> std::io::Result<()>,
+    ) -> Result<(), Errno> {
+        let mut s = self.handle.lock();
+        let rel = self.path_of(&s, parent)?.join(name);
+        how(&self.backing(&rel)).map_err(|e| errno(&e))?;
+        Self::forget_path(&mut s, &rel);
+        Ok(())
+    }
+
+    /// Makes a name (file, directory, node, by `how`) and gives it an inode.
+    fn make(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        how: impl FnOnce(&Path) -> Result<(), Errno>,
+    ) -> Result<FileAttr, Errno> {
+        let mut s = self.handle.lock();
+        let rel = self.path_of(&s, parent)?.join(name);
+        how(&self.backing(&rel))?;
+        let ino = Self::ino_for(&mut s, &rel);
+        self.attr(&s, ino, &rel)
+    }
+
     fn backing(&self, rel: &Path) -> PathBuf {
         self.root.join(rel)
     }
@@ -268,10 +310,7 @@ impl LossyFs {
 
 impl Filesystem for LossyFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.entry_reply(parent, name) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        answer_entry(reply, self.entry_reply(parent, name));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -344,23 +383,17 @@ impl Filesystem for LossyFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let mut s = self.handle.lock();
-        let result = (|| {
-            let rel = self.path_of(&s, parent)?.join(name);
-            let c = std::ffi::CString::new(self.backing(&rel).as_os_str().as_encoded_bytes())
+        let result = self.make(parent, name, |path| {
+            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
                 .map_err(|_| Errno::EINVAL)?;
             // SAFETY: a valid NUL-terminated path; mknod has no other memory effects.
             let rc = unsafe { libc::mknod(c.as_ptr(), mode & !umask, libc::dev_t::from(rdev)) };
             if rc != 0 {
                 return Err(errno(&std::io::Error::last_os_error()));
             }
-            let ino = Self::ino_for(&mut s, &rel);
-            self.attr(&s, ino, &rel)
-        })();
-        match result {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+            Ok(())
+        });
+        answer_entry(reply, result);
     }
 
     fn mkdir(
@@ -372,48 +405,23 @@ impl Filesystem for LossyFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let mut s = self.handle.lock();
-        let result = (|| {
-            let rel = self.path_of(&s, parent)?.join(name);
-            let path = self.backing(&rel);
-            std::fs::create_dir(&path).map_err(|e| errno(&e))?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & !umask))
-                .map_err(|e| errno(&e))?;
-            let ino = Self::ino_for(&mut s, &rel);
-            self.attr(&s, ino, &rel)
-        })();
-        match result {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        let result = self.make(parent, name, |path| {
+            std::fs::create_dir(path).map_err(|e| errno(&e))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & !umask))
+                .map_err(|e| errno(&e))
+        });
+        answer_entry(reply, result);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let mut s = self.handle.lock();
-        let result = (|| {
-            let rel = self.path_of(&s, parent)?.join(name);
-            std::fs::remove_file(self.backing(&rel)).map_err(|e| errno(&e))?;
-            Self::forget_path(&mut s, &rel);
-            Ok(())
-        })();
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer_empty(
+            reply,
+            self.remove(parent, name, |p| std::fs::remove_file(p)),
+        );
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let mut s = self.handle.lock();
-        let result = (|| {
-            let rel = self.path_of(&s, parent)?.join(name);
-            std::fs::remove_dir(self.backing(&rel)).map_err(|e| errno(&e))?;
-            Self::forget_path(&mut s, &rel);
-            Ok(())
-        })();
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer_empty(reply, self.remove(parent, name, |p| std::fs::remove_dir(p)));
     }
 
     fn rename(
@@ -438,10 +446,7 @@ impl Filesystem for LossyFs {
             }
             Ok(())
         })();
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer_empty(reply, result);
     }
 
     fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -545,10 +550,7 @@ impl Filesystem for LossyFs {
         let result = self
             .path_of(&s, ino)
             .and_then(|rel| self.sync(&mut s, ino.0, &rel));
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer_empty(reply, result);
     }
 
     fn readdir(
@@ -641,24 +643,19 @@ impl Filesystem for LossyFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let mut s = self.handle.lock();
-        let result = (|| {
-            let rel = self.path_of(&s, parent)?.join(name);
-            let path = self.backing(&rel);
+        let result = self.make(parent, name, |path| {
             std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(false)
-                .open(&path)
+                .open(path)
                 .map_err(|e| errno(&e))?;
             std::fs::set_permissions(
-                &path,
+                path,
                 std::fs::Permissions::from_mode(mode & !umask & 0o7777),
             )
-            .map_err(|e| errno(&e))?;
-            let ino = Self::ino_for(&mut s, &rel);
-            self.attr(&s, ino, &rel)
-        })();
+            .map_err(|e| errno(&e))
+        });
         match result {
             Ok(attr) => reply.created(
                 &TTL,
