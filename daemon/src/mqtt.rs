@@ -39,6 +39,9 @@ const REQUESTS: usize = 1024;
 /// Back-off between connection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A decision still waiting when the connection comes up is published if it is at most
+/// this old (a tap while connecting); older ones would open a door at the wrong time.
+const DECISION_FRESH: Duration = Duration::from_secs(2);
 /// How often the retained status is refreshed while connected.
 const STATUS_EVERY: Duration = Duration::from_secs(30);
 
@@ -245,9 +248,15 @@ impl MqttTask {
                         Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                             connected = true;
                             // Decisions made while the broker was out of reach are too late
-                            // to open a door now (their events are in the outbox).
-                            while self.decisions.try_recv().is_ok() {
-                                Counters::bump(&self.shared.counters.decisions_dropped);
+                            // to open a door now (their events are in the outbox); those of
+                            // the last moments (a tap while connecting) still go out.
+                            let mut fresh = Vec::new();
+                            while let Ok(d) = self.decisions.try_recv() {
+                                if d.at.elapsed() <= DECISION_FRESH {
+                                    fresh.push(d);
+                                } else {
+                                    Counters::bump(&self.shared.counters.decisions_dropped);
+                                }
                             }
                             tracing::info!(broker = %self.settings.url, session_present = ack.session_present, outbox_depth = self.outbox.depth(), "connected to the MQTT broker");
                             window.next = match self.outbox.first_pending() {
@@ -263,6 +272,13 @@ impl MqttTask {
                             for (name, status) in self.shared.take_reader_updates(true) {
                                 let payload = serde_json::to_vec(&status).unwrap_or_default();
                                 self.publish_other(client, &mut window, self.topics.reader(&name), payload, true);
+                            }
+                            for d in fresh {
+                                if self.publish_other(client, &mut window, self.topics.decision(), d.payload, false) {
+                                    Counters::bump(&self.shared.counters.decisions_published);
+                                } else {
+                                    Counters::bump(&self.shared.counters.decisions_dropped);
+                                }
                             }
                             self.fill(client, &mut window, max_published);
                         }

@@ -38,6 +38,8 @@ pub struct Decided {
     pub seq: u64,
     /// The event as JSON.
     pub payload: Vec<u8>,
+    /// When it was decided.
+    pub at: Instant,
 }
 
 /// What the pipeline needs to know about a reader.
@@ -319,6 +321,7 @@ impl Pipeline {
                             let decided = Decided {
                                 seq: e.seq,
                                 payload: e.to_json(),
+                                at: Instant::now(),
                             };
                             if !was_announced && decisions.try_send(decided).is_err() {
                                 Counters::bump(&counters.decisions_dropped);
@@ -397,6 +400,7 @@ impl Pipeline {
                     let decided = Decided {
                         seq: 0,
                         payload: e.to_json(),
+                        at: Instant::now(),
                     };
                     if self.decisions.try_send(decided).is_err() {
                         Counters::bump(&c.decisions_dropped);
