@@ -202,7 +202,18 @@ fn main() -> ExitCode {
             };
         }
     };
-    match dispatch(cli.command) {
+    let result = dispatch(cli.command);
+    // The store is closed by now. Files a root command created in the daemon user's data
+    // directory go to that user, or the daemon could not open them at its next start.
+    if let Some(dir) = OPENED.get() {
+        if let Err(e) = id06d::store::give_to_owner(dir) {
+            eprintln!(
+                "id06d: warning: cannot give new files in {} to the directory's owner: {e}",
+                dir.display()
+            );
+        }
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             eprintln!("id06d: {}", f.message);
@@ -215,8 +226,13 @@ fn load_config(path: &Path) -> Result<Config, Failure> {
     Config::load(path).map_err(|e| usage(e.to_string()))
 }
 
+/// The data directory a command opened itself, to hand new files back to its owner at the
+/// end (see [`id06d::store::give_to_owner`]).
+static OPENED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 /// The store, or `None` when a running daemon holds it (ask it over the control socket).
 fn open_store_or_running(config: &Config) -> Result<Option<Store>, Failure> {
+    let _ = OPENED.set(config.data_dir.clone());
     match Store::open(&config.data_dir, &config.terminal_id) {
         Ok(store) => Ok(Some(store)),
         Err(id06d::store::StoreError::InUse(_)) => Ok(None),
@@ -225,6 +241,7 @@ fn open_store_or_running(config: &Config) -> Result<Option<Store>, Failure> {
 }
 
 fn open_store(config: &Config) -> Result<Store, Failure> {
+    let _ = OPENED.set(config.data_dir.clone());
     Store::open(&config.data_dir, &config.terminal_id).map_err(|e| runtime(e.to_string()))
 }
 

@@ -239,6 +239,43 @@ pub fn decode_i64(bytes: &[u8]) -> Option<i64> {
     bytes.try_into().ok().map(i64::from_be_bytes)
 }
 
+/// Gives every file and folder under `dir` that belongs to someone other than `dir`'s
+/// owner to that owner; returns how many changed hands. Does nothing unless this process
+/// runs as root and `dir` belongs to another user: that is an operator's `sudo id06d …` on
+/// a stopped gateway, whose new database files would otherwise be root's and unreadable
+/// for the daemon's user.
+pub fn give_to_owner(dir: &Path) -> std::io::Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(0);
+    }
+    let owner = match std::fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    if owner.uid() == 0 {
+        return Ok(0);
+    }
+    let mut changed = 0;
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder)? {
+            let path = entry?.path();
+            let m = std::fs::symlink_metadata(&path)?;
+            if m.is_dir() {
+                folders.push(path.clone());
+            }
+            if (m.uid(), m.gid()) != (owner.uid(), owner.gid()) {
+                std::os::unix::fs::lchown(&path, Some(owner.uid()), Some(owner.gid()))?;
+                changed += 1;
+            }
+        }
+    }
+    Ok(changed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -164,3 +164,58 @@ fn a_data_directory_of_another_terminal_is_refused() {
     assert_eq!(code, 1);
     assert!(err.contains("belongs to terminal \"t-1\""), "{err}");
 }
+
+/// An installer's `sudo id06d blocklist import …` (or an inspector's `events export`) on a
+/// stopped gateway: every file it creates in the daemon user's data directory must belong
+/// to that user afterwards, or the daemon could not open its own database at the next start.
+#[test]
+fn a_root_command_leaves_every_file_to_the_data_directory_owner() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = scratch();
+    let cfg = write(dir.path(), BASE);
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::chown(&data, Some(4242), Some(4343))
+        .unwrap_or_else(|e| panic!("the tests run as root (see README); chown failed: {e}"));
+    let csv = dir.path().join("list.csv");
+    std::fs::write(&csv, "04A1B2C3D4E5F6,blocked\n").unwrap();
+    let (code, _, err) = id06d(&[
+        "blocklist",
+        "import",
+        csv.to_str().unwrap(),
+        "--config",
+        &cfg,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = id06d(&[
+        "events",
+        "export",
+        "--since",
+        "2020-01-01",
+        "--config",
+        &cfg,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let mut seen = Vec::new();
+    let mut folders = vec![data.clone()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            let m = std::fs::symlink_metadata(&path).unwrap();
+            if m.is_dir() {
+                folders.push(path.clone());
+            }
+            assert_eq!(
+                (m.uid(), m.gid()),
+                (4242, 4343),
+                "{} belongs to the data directory's owner",
+                path.display()
+            );
+            seen.push(path);
+        }
+    }
+    assert!(
+        seen.iter().any(|p| p.ends_with("db/db")) && seen.len() >= 4,
+        "the commands created the database: {seen:?}"
+    );
+}
