@@ -56,20 +56,10 @@ fn configuration_mistakes_are_one_line_naming_the_line_and_exit_2() {
 fn blocklist_import_lookup_and_stats() {
     let dir = scratch();
     let cfg = write(dir.path(), BASE);
-    let csv = dir.path().join("list.csv");
-    std::fs::write(
-        &csv,
-        "04A1B2C3D4E5F6,blocked\n04:a1:b2:c3,suspended\nDEADBEEF,active\n",
-    )
-    .unwrap();
-    let (code, out, err) = id06d(&[
-        "blocklist",
-        "import",
-        csv.to_str().unwrap(),
-        "--config",
+    let out = import_list(
         &cfg,
-    ]);
-    assert_eq!(code, 0, "{err}");
+        "04A1B2C3D4E5F6,blocked\n04:a1:b2:c3,suspended\nDEADBEEF,active\n",
+    );
     assert!(
         out.contains("imported 2 listed cards") && out.contains("version 1"),
         "{out}"
@@ -96,6 +86,7 @@ fn blocklist_import_lookup_and_stats() {
     );
 
     // A bad file imports nothing and names every bad line.
+    let csv = dir.path().join("list.csv");
     std::fs::write(&csv, "04A1B2C3D4E5F6,terminated\nbad line\n04A1B2C3,lost\n").unwrap();
     let (code, _, err) = id06d(&[
         "blocklist",
@@ -177,25 +168,8 @@ fn a_root_command_leaves_every_file_to_the_data_directory_owner() {
     std::fs::create_dir(&data).unwrap();
     std::os::unix::fs::chown(&data, Some(4242), Some(4343))
         .unwrap_or_else(|e| panic!("the tests run as root (see README); chown failed: {e}"));
-    let csv = dir.path().join("list.csv");
-    std::fs::write(&csv, "04A1B2C3D4E5F6,blocked\n").unwrap();
-    let (code, _, err) = id06d(&[
-        "blocklist",
-        "import",
-        csv.to_str().unwrap(),
-        "--config",
-        &cfg,
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let (code, _, err) = id06d(&[
-        "events",
-        "export",
-        "--since",
-        "2020-01-01",
-        "--config",
-        &cfg,
-    ]);
-    assert_eq!(code, 0, "{err}");
+    import_list(&cfg, "04A1B2C3D4E5F6,blocked\n");
+    export_events(&cfg, "csv");
     let mut seen = Vec::new();
     let mut folders = vec![data.clone()];
     while let Some(folder) = folders.pop() {

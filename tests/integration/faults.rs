@@ -477,17 +477,7 @@ fn broker_kill_9_losses_are_the_brokers_never_the_gateways() {
         .map(|e| e.seq)
         .collect();
     // The gateway's own record: seq and whether the broker acknowledged it.
-    let (code, csv, err) = id06d(&[
-        "events",
-        "export",
-        "--since",
-        "2020-01-01",
-        "--format",
-        "csv",
-        "--config",
-        config.path.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    let csv = export_events(config.path.to_str().unwrap(), "csv");
     let record: Vec<(u64, bool)> = csv
         .lines()
         .skip(1)
@@ -624,17 +614,7 @@ fn power_cuts_lose_no_tap_whose_decision_was_published() {
         );
     }
     // The gateway's own record, for an inspector: every tap, exactly as delivered.
-    let (code, json, err) = id06d(&[
-        "events",
-        "export",
-        "--since",
-        "2020-01-01",
-        "--format",
-        "json",
-        "--config",
-        config.path.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "events export: {err}");
+    let json = export_events(config.path.to_str().unwrap(), "json");
     let archived: Vec<id06_protocol::Event> = json
         .lines()
         .map(|l| id06_protocol::Event::from_json(l.as_bytes()).expect("an exported event"))

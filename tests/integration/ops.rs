@@ -38,16 +38,7 @@ fn metrics_count_taps_decisions_and_delivery() {
         &broker.url(),
         "[[reader]]\nname = \"gate\"\nkind = \"simulated\"\nscript = \"s.txt\"\ndirection = \"in\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
     );
-    let csv = dir.path().join("l.csv");
-    std::fs::write(&csv, "04B10000000002,suspended\n").unwrap();
-    let (code, _, err) = id06d(&[
-        "blocklist",
-        "import",
-        csv.to_str().unwrap(),
-        "--config",
-        config.path.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    import_list(config.path.to_str().unwrap(), "04B10000000002,suspended\n");
     let mut daemon = Daemon::start(&config);
     // Port 0: the daemon picks a free port and logs it (no race with other tests' ports).
     let mut port = 0u16;
@@ -226,16 +217,7 @@ fn events_export_outbox_stats_and_blocklist_lookups_work_while_the_daemon_runs_a
         "[[reader]]\nname = \"gate\"\nkind = \"simulated\"\nscript = \"s.txt\"\ndirection = \"in\"\n",
     );
     let path = config.path.to_str().unwrap().to_string();
-    let csv = dir.path().join("l.csv");
-    std::fs::write(&csv, "04B10000000002,suspended\n").unwrap();
-    let (code, _, err) = id06d(&[
-        "blocklist",
-        "import",
-        csv.to_str().unwrap(),
-        "--config",
-        &path,
-    ]);
-    assert_eq!(code, 0, "{err}");
+    import_list(&path, "04B10000000002,suspended\n");
     let p = config.base();
     let sub = Subscriber::start(broker.port, "ledger-export", &[&format!("{p}/event")]);
     let mut daemon = Daemon::start(&config);
@@ -251,20 +233,7 @@ fn events_export_outbox_stats_and_blocklist_lookups_work_while_the_daemon_runs_a
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("last seq:       3"), "{out}");
 
-    let export = |format: &str| {
-        let (code, out, err) = id06d(&[
-            "events",
-            "export",
-            "--since",
-            "2020-01-01",
-            "--format",
-            format,
-            "--config",
-            &path,
-        ]);
-        assert_eq!(code, 0, "export {format} while running: {err}");
-        out
-    };
+    let export = |format: &str| export_events(&path, format);
     let running_csv = export("csv");
     let lines: Vec<&str> = running_csv.lines().collect();
     assert_eq!(lines.len(), 4, "a header and three taps:\n{running_csv}");

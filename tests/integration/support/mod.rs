@@ -438,3 +438,35 @@ pub fn outbox_stats(config: &TestConfig) -> (u64, u64) {
     };
     (num("outbox depth"), num("last seq"))
 }
+
+/// Writes `csv` (uid,status lines) next to the configuration and imports it with
+/// `id06d blocklist import`, which must succeed; returns what it printed.
+pub fn import_list(config: &str, csv: &str) -> String {
+    let path = Path::new(config).with_file_name("list.csv");
+    std::fs::write(&path, csv).expect("write the list");
+    let (code, out, err) = id06d(&[
+        "blocklist",
+        "import",
+        path.to_str().expect("a UTF-8 path"),
+        "--config",
+        config,
+    ]);
+    assert_eq!(code, 0, "blocklist import: {err}");
+    out
+}
+
+/// `id06d events export --since 2020-01-01 --format FORMAT`, which must succeed.
+pub fn export_events(config: &str, format: &str) -> String {
+    let (code, out, err) = id06d(&[
+        "events",
+        "export",
+        "--since",
+        "2020-01-01",
+        "--format",
+        format,
+        "--config",
+        config,
+    ]);
+    assert_eq!(code, 0, "events export --format {format}: {err}");
+    out
+}
