@@ -575,28 +575,27 @@ fn power_cuts_lose_no_tap_whose_decision_was_published() {
     }
     // Power back for good: run until a clean stop finds the outbox empty.
     let mount = LossyMount::mount(&disk, &mnt).expect("mount the lossy filesystem");
+    // Every seq promised by a decision before the power came back, delivered first.
+    let promised_before = sub
+        .events(&format!("{p}/decision"))
+        .iter()
+        .map(|e| e.seq)
+        .max()
+        .unwrap_or(0);
     let mut daemon = Daemon::start(&config);
     let last = loop {
         daemon.wait_started();
-        let (_, last) = {
-            // Let the restart deliver what it recovered before stopping.
-            wait_for("the recovered events", Duration::from_secs(30), || {
-                sub.events(&format!("{p}/event"))
-                    .iter()
-                    .map(|e| e.seq)
-                    .max()
-                    .unwrap_or(0)
-                    >= sub
-                        .events(&format!("{p}/decision"))
-                        .iter()
-                        .map(|e| e.seq)
-                        .max()
-                        .unwrap_or(0)
-            });
-            assert_eq!(daemon.terminate(), Some(0));
-            outbox_stats(&config)
-        };
-        if outbox_stats(&config).0 == 0 {
+        wait_for("the recovered events", Duration::from_secs(30), || {
+            sub.events(&format!("{p}/event"))
+                .iter()
+                .map(|e| e.seq)
+                .max()
+                .unwrap_or(0)
+                >= promised_before
+        });
+        assert_eq!(daemon.terminate(), Some(0));
+        let (depth, last) = outbox_stats(&config);
+        if depth == 0 {
             break last;
         }
         daemon = Daemon::start(&config);
