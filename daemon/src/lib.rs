@@ -6,11 +6,13 @@
 //! The pipeline, one owner per stage:
 //!
 //! ```text
-//! readers (one task or thread each) ──ReaderMessage──▶ tap pipeline  } one thread,
-//!     debouncer ─▶ decide (blocklist index) ─▶ outbox commit (log, fdatasync) } one runtime
+//! readers (one task or thread each) ──ReaderMessage──▶ tap pipeline
+//!     debouncer ─▶ decide (blocklist index) ─▶ outbox commit (log, fdatasync)
 //!         ─▶ decisions ──▶ MQTT task ──▶ P/decision
 //!         ─▶ wake      ──▶ MQTT task ──▶ P/event in seq order, outbox entry removed on PUBACK
 //! ```
+//!
+//! The tap pipeline and the MQTT task share one thread with a runtime of its own (`run.rs`).
 //!
 //! The pure stages take the time as an argument, so their behaviour is a table:
 //!

@@ -1,10 +1,9 @@
 //! The tap pipeline: reader messages in, durable events out.
 //!
 //! Runs on its own OS thread (shared with the MQTT task) and owns the debouncer and the
-//! outbox writer. It takes every
-//! message that is waiting (a burst), debounces and decides each, records all resulting
-//! events in one batch with one fsync (group commit), and only then hands the decisions to
-//! the MQTT task and logs the taps. If the disk refuses, the events wait in a bounded
+//! outbox writer. It takes every message that is waiting (a burst), debounces and decides
+//! each, records all resulting events in one batch with one fsync (group commit), and only
+//! then hands the decisions to the MQTT task and logs the taps. If the disk refuses, the events wait in a bounded
 //! in-memory queue and are written as soon as the disk accepts them again; the decision is
 //! still logged and reported.
 

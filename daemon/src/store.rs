@@ -243,7 +243,8 @@ pub fn decode_i64(bytes: &[u8]) -> Option<i64> {
 /// owner to that owner; returns how many changed hands. Does nothing unless this process
 /// runs as root and `dir` belongs to another user: that is an operator's `sudo id06d …` on
 /// a stopped gateway, whose new database files would otherwise be root's and unreadable
-/// for the daemon's user.
+/// for the daemon's user. (The outbox logs are already given away when created, see
+/// `wal.rs`; sled's own files can only be handled here, after sled is closed.)
 pub fn give_to_owner(dir: &Path) -> std::io::Result<u32> {
     use std::os::unix::fs::MetadataExt;
     // SAFETY: geteuid has no preconditions and cannot fail.

@@ -157,8 +157,9 @@ pub fn decode(bytes: &[u8]) -> Decoded {
 }
 
 /// Opens `path` for reading and writing, creating it if missing. A file created here gets
-/// the owner of its folder: an operator's `sudo id06d events export` on a stopped gateway
-/// must not leave a root-owned log that the daemon's own user cannot open.
+/// the owner of its folder at once, whoever runs the process; a root command additionally
+/// hands back everything else it created (sled's files) when it ends
+/// ([`crate::store::give_to_owner`]).
 fn open_rw(path: &Path) -> std::io::Result<File> {
     let existed = path.exists();
     let file = OpenOptions::new()

@@ -59,6 +59,7 @@ fn blocklist_import_lookup_and_stats() {
     let out = import_list(
         &cfg,
         "04A1B2C3D4E5F6,blocked\n04:a1:b2:c3,suspended\nDEADBEEF,active\n",
+        &[],
     );
     assert!(
         out.contains("imported 2 listed cards") && out.contains("version 1"),
@@ -168,7 +169,7 @@ fn a_root_command_leaves_every_file_to_the_data_directory_owner() {
     std::fs::create_dir(&data).unwrap();
     std::os::unix::fs::chown(&data, Some(4242), Some(4343))
         .unwrap_or_else(|e| panic!("the tests run as root (see README); chown failed: {e}"));
-    import_list(&cfg, "04A1B2C3D4E5F6,blocked\n");
+    import_list(&cfg, "04A1B2C3D4E5F6,blocked\n", &[]);
     export_events(&cfg, "csv");
     let mut seen = Vec::new();
     let mut folders = vec![data.clone()];

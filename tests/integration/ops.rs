@@ -38,7 +38,11 @@ fn metrics_count_taps_decisions_and_delivery() {
         &broker.url(),
         "[[reader]]\nname = \"gate\"\nkind = \"simulated\"\nscript = \"s.txt\"\ndirection = \"in\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
     );
-    import_list(config.path.to_str().unwrap(), "04B10000000002,suspended\n");
+    import_list(
+        config.path.to_str().unwrap(),
+        "04B10000000002,suspended\n",
+        &[],
+    );
     let mut daemon = Daemon::start(&config);
     // Port 0: the daemon picks a free port and logs it (no race with other tests' ports).
     let mut port = 0u16;
@@ -217,7 +221,7 @@ fn events_export_outbox_stats_and_blocklist_lookups_work_while_the_daemon_runs_a
         "[[reader]]\nname = \"gate\"\nkind = \"simulated\"\nscript = \"s.txt\"\ndirection = \"in\"\n",
     );
     let path = config.path.to_str().unwrap().to_string();
-    import_list(&path, "04B10000000002,suspended\n");
+    import_list(&path, "04B10000000002,suspended\n", &[]);
     let p = config.base();
     let sub = Subscriber::start(broker.port, "ledger-export", &[&format!("{p}/event")]);
     let mut daemon = Daemon::start(&config);

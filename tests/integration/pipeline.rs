@@ -61,23 +61,12 @@ repeat_ms = 800
     )
 }
 
-fn import_blocklist(dir: &std::path::Path, config: &TestConfig) {
-    let csv = dir.join("list.csv");
-    std::fs::write(
-        &csv,
-        format!("uid,status\n{C2},blocked\n{C3},suspended\n{C5},produced\n{C6},terminated\n"),
-    )
-    .unwrap();
-    let (code, out, err) = id06d(&[
-        "blocklist",
-        "import",
-        csv.to_str().unwrap(),
-        "--version",
-        "42",
-        "--config",
+fn import_blocklist(config: &TestConfig) {
+    let out = import_list(
         config.path.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "import failed: {err}");
+        &format!("uid,status\n{C2},blocked\n{C3},suspended\n{C5},produced\n{C6},terminated\n"),
+        &["--version", "42"],
+    );
     assert!(out.contains("imported 4 listed cards"), "{out}");
 }
 
@@ -86,7 +75,7 @@ fn a_scripted_rush_produces_exactly_the_expected_events_in_order() {
     let dir = scratch();
     let broker = broker(dir.path());
     let config = rush_config(dir.path(), &broker.url());
-    import_blocklist(dir.path(), &config);
+    import_blocklist(&config);
     let p = config.base();
     let sub = Subscriber::start(broker.port, "ledger-1", &[&format!("{p}/#")]);
     let mut daemon = Daemon::start(&config);

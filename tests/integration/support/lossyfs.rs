@@ -46,9 +46,7 @@ struct State {
     next: u64,
     /// Files with contents not (all) in the backing file yet.
     shadows: HashMap<u64, Shadow>,
-    /// Bytes synced and bytes thrown away, for the test's report.
-    synced_bytes: u64,
-    lost_bytes: u64,
+    /// Syncs that reached the backing directory, for the test's report.
     syncs: u64,
 }
 
@@ -79,7 +77,6 @@ struct LossyFs {
 pub struct LossyMount {
     pub handle: LossyHandle,
     session: Option<BackgroundSession>,
-    pub mountpoint: PathBuf,
 }
 
 impl LossyMount {
@@ -107,22 +104,21 @@ impl LossyMount {
         Ok(LossyMount {
             handle,
             session: Some(session),
-            mountpoint: mountpoint.to_path_buf(),
         })
     }
 
     /// The power goes: every byte not synced is gone, then the filesystem is unmounted.
-    /// Returns how many bytes were thrown away (unsynced pages of 4 KiB). Kill the program using it first.
+    /// Returns how many bytes were thrown away (unsynced pages of 4 KiB). Kill the program
+    /// using it first.
     pub fn power_cut(mut self) -> u64 {
         let lost = {
             let mut s = self.handle.lock();
-            let lost: u64 = s
+            let lost = s
                 .shadows
                 .values()
                 .map(|sh| sh.dirty.len() as u64 * PAGE)
                 .sum();
             s.shadows.clear();
-            s.lost_bytes += lost;
             lost
         };
         self.unmount();
@@ -279,7 +275,6 @@ impl LossyFs {
             .write(true)
             .open(self.backing(rel))
             .map_err(|e| errno(&e))?;
-        let mut written = 0u64;
         for &page in &sh.dirty {
             let start = (page * PAGE) as usize;
             if start >= sh.data.len() {
@@ -288,13 +283,11 @@ impl LossyFs {
             let end = (start + PAGE as usize).min(sh.data.len());
             file.write_all_at(&sh.data[start..end], start as u64)
                 .map_err(|e| errno(&e))?;
-            written += (end - start) as u64;
         }
         file.set_len(sh.data.len() as u64).map_err(|e| errno(&e))?;
         file.sync_all().map_err(|e| errno(&e))?;
         sh.dirty.clear();
         sh.resized = false;
-        s.synced_bytes += written;
         s.syncs += 1;
         Ok(())
     }

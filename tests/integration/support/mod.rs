@@ -440,17 +440,15 @@ pub fn outbox_stats(config: &TestConfig) -> (u64, u64) {
 }
 
 /// Writes `csv` (uid,status lines) next to the configuration and imports it with
-/// `id06d blocklist import`, which must succeed; returns what it printed.
-pub fn import_list(config: &str, csv: &str) -> String {
+/// `id06d blocklist import [EXTRA…]`, which must succeed; returns what it printed.
+pub fn import_list(config: &str, csv: &str, extra: &[&str]) -> String {
     let path = Path::new(config).with_file_name("list.csv");
     std::fs::write(&path, csv).expect("write the list");
-    let (code, out, err) = id06d(&[
-        "blocklist",
-        "import",
-        path.to_str().expect("a UTF-8 path"),
-        "--config",
-        config,
-    ]);
+    let list = path.to_str().expect("a UTF-8 path");
+    let mut args = vec!["blocklist", "import", list];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--config", config]);
+    let (code, out, err) = id06d(&args);
     assert_eq!(code, 0, "blocklist import: {err}");
     out
 }
