@@ -17,7 +17,9 @@
 //! Run: `cargo bench -p id06d --bench delivery`.
 
 use criterion::Criterion;
-use id06_protocol::{CardStatus, CardUid, Decision, Direction, Event, EventSchemaV1, UtcMillis};
+use id06_protocol::{
+    CardStatus, CardUid, Decision, Direction, Event, EventSchema, StreamId, UtcMillis,
+};
 use id06_readers::{Observation, ReaderMessage, Report};
 use id06d::broker::LocalBroker;
 use id06d::config::Config;
@@ -34,9 +36,11 @@ use tokio_util::sync::CancellationToken;
 
 fn sample_event(i: u64) -> Event {
     Event {
-        schema: EventSchemaV1,
+        schema: EventSchema,
         event_id: String::new(),
+        stream: StreamId::from_random([7; 16]),
         seq: 0,
+        decision_id: String::new(),
         site_id: "SE-BENCH".into(),
         terminal_id: "gate-bench".into(),
         reader: "r0".into(),

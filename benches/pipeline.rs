@@ -11,7 +11,9 @@
 //! Run: `cargo bench -p id06d --bench pipeline`.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use id06_protocol::{CardStatus, CardUid, Decision, Direction, Event, EventSchemaV1, UtcMillis};
+use id06_protocol::{
+    CardStatus, CardUid, Decision, Direction, Event, EventSchema, StreamId, UtcMillis,
+};
 use id06_readers::Observation;
 use id06d::blocklist::Blocklist;
 use id06d::config::{DebounceSettings, WhenStale};
@@ -137,9 +139,11 @@ fn sample_event(uid: CardUid, status: CardStatus) -> Event {
         WhenStale::Allow,
     );
     Event {
-        schema: EventSchemaV1,
+        schema: EventSchema,
         event_id: String::new(),
+        stream: StreamId::from_random([7; 16]),
         seq: 0,
+        decision_id: String::new(),
         site_id: "SE-0001".into(),
         terminal_id: "gate-north-1".into(),
         reader: "entry".into(),
@@ -183,7 +187,7 @@ fn tap(c: &mut Criterion) {
             e.decision = ruling.decision;
             e.reason = ruling.reason;
             e.seq = 42;
-            e.event_id = Event::event_id_for(&e.terminal_id, 42);
+            e.event_id = Event::event_id_for(&e.site_id, &e.terminal_id, &e.stream, 42);
             black_box(e.to_json())
         })
     });

@@ -8,7 +8,8 @@
 //!
 //! - `events-since <unix ms>` → one JSON line per recorded event,
 //!   `{"delivered":true,"event":{…}}`, oldest first;
-//! - `outbox-stats` → one JSON line `{"depth":…,"oldest_seq":…,"oldest_at":…,"last_seq":…,"archived":…}`;
+//! - `outbox-stats` → one JSON line
+//!   `{"depth":…,"oldest_seq":…,"oldest_at":…,"stream":…,"last_seq":…,"archived":…}`;
 //! - `blocklist [uid]` → one JSON line, a [`Summary`] of the list in force (with the
 //!   card's status when a UID is given).
 //!
@@ -55,7 +56,9 @@ pub struct RemoteStats {
     pub oldest_seq: Option<u64>,
     /// When it happened.
     pub oldest_at: Option<UtcMillis>,
-    /// The highest seq written.
+    /// The stream new taps are recorded in.
+    pub stream: id06_protocol::StreamId,
+    /// The highest seq written in it.
     pub last_seq: u64,
     /// Events kept for export.
     pub archived: u64,
@@ -67,6 +70,7 @@ impl From<OutboxStats> for RemoteStats {
             depth: s.depth,
             oldest_seq: s.oldest.map(|(seq, _)| seq),
             oldest_at: s.oldest.map(|(_, at)| at),
+            stream: s.stream,
             last_seq: s.last_seq,
             archived: s.archived,
         }
@@ -78,6 +82,7 @@ impl From<RemoteStats> for OutboxStats {
         OutboxStats {
             depth: s.depth,
             oldest: s.oldest_seq.zip(s.oldest_at),
+            stream: s.stream,
             last_seq: s.last_seq,
             archived: s.archived,
         }

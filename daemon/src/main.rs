@@ -230,10 +230,13 @@ fn load_config(path: &Path) -> Result<Config, Failure> {
 /// end (see [`id06d::store::give_to_owner`]).
 static OPENED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
-/// The store, or `None` when a running daemon holds it (ask it over the control socket).
+/// The store of an existing data directory (never created here), or `None` when a running
+/// daemon holds it (ask it over the control socket).
 fn open_store_or_running(config: &Config) -> Result<Option<Store>, Failure> {
     let _ = OPENED.set(config.data_dir.clone());
-    match Store::open(&config.data_dir, &config.terminal_id) {
+    // What the outbox finds damaged when it opens is said on stderr.
+    init_logging("warn");
+    match Store::open_existing(&config.data_dir, &config.terminal_id) {
         Ok(store) => Ok(Some(store)),
         Err(id06d::store::StoreError::InUse(_)) => Ok(None),
         Err(e) => Err(runtime(e.to_string())),
@@ -242,6 +245,7 @@ fn open_store_or_running(config: &Config) -> Result<Option<Store>, Failure> {
 
 fn open_store(config: &Config) -> Result<Store, Failure> {
     let _ = OPENED.set(config.data_dir.clone());
+    init_logging("warn");
     Store::open(&config.data_dir, &config.terminal_id).map_err(|e| runtime(e.to_string()))
 }
 
@@ -329,7 +333,8 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 }
                 None => println!("oldest waiting: none"),
             }
-            println!("last seq:       {}", stats.last_seq);
+            println!("stream:         {}", stats.stream);
+            println!("last seq:       {} (in this stream)", stats.last_seq);
             println!("archived:       {} events kept for export", stats.archived);
             Ok(())
         }

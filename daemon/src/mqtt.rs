@@ -3,9 +3,9 @@
 //! Design: every connection gets a fresh rumqttc client and event loop, so nothing that
 //! rumqttc queued in memory is replayed behind our back; the outbox is the only source of
 //! what must be (re)delivered. On each connection the task publishes the retained status
-//! and reader states, then streams the outbox from its first unacknowledged `seq`, keeping
+//! and reader states, then streams the outbox from its first unacknowledged position, keeping
 //! at most [`WINDOW`] events in flight. rumqttc reports each publish it sends as
-//! `Outgoing::Publish(pkid)` in request order, which maps packet ids to `seq`s; an event
+//! `Outgoing::Publish(pkid)` in request order, which maps packet ids to outbox positions; an event
 //! leaves the outbox only on its PUBACK. Any error ends the connection; the task reconnects
 //! with exponential back-off, forever, until shutdown.
 
@@ -86,7 +86,7 @@ enum Tag {
 
 /// Per-connection delivery state.
 struct Window {
-    /// The next `seq` to read from the outbox (those before it are in flight or read ahead).
+    /// The next outbox position to read (those before it are in flight or read ahead).
     next: u64,
     /// Tags of the publishes handed to rumqttc, in order, waiting for their pkid.
     unassigned: VecDeque<Tag>,
@@ -96,7 +96,7 @@ struct Window {
     in_flight: usize,
     /// Acknowledged events not yet removed from the outbox.
     acked: Vec<u64>,
-    /// Events read from the outbox and not yet published (seq, JSON).
+    /// Events read from the outbox and not yet published (position, JSON).
     ahead: VecDeque<(u64, Vec<u8>)>,
 }
 
@@ -139,6 +139,8 @@ impl MqttTask {
             online: true,
             version: env!("CARGO_PKG_VERSION").to_string(),
             started_at: self.started_at,
+            stream: self.outbox.stream(),
+            last_seq: self.outbox.last_seq(),
             blocklist_version: index.version,
             blocklist_age_s: index.age_s(now),
             outbox_depth: self.outbox.depth(),
@@ -260,8 +262,8 @@ impl MqttTask {
                             }
                             tracing::info!(broker = %self.settings.url, session_present = ack.session_present, outbox_depth = self.outbox.depth(), "connected to the MQTT broker");
                             window.next = match self.outbox.first_pending() {
-                                Ok(Some(seq)) => seq,
-                                Ok(None) => self.outbox.last_seq() + 1,
+                                Ok(Some(pos)) => pos,
+                                Ok(None) => self.outbox.last_pos() + 1,
                                 Err(e) => return (End::Lost(format!("cannot read the outbox: {e}")), true),
                             };
                             self.shared.status_dirty.store(false, std::sync::atomic::Ordering::Release);
@@ -284,16 +286,16 @@ impl MqttTask {
                         }
                         Ok(MqttEvent::Outgoing(Outgoing::Publish(pkid))) => {
                             match window.unassigned.pop_front() {
-                                Some(Tag::Event(seq)) => { window.by_pkid.insert(pkid, seq); }
+                                Some(Tag::Event(pos)) => { window.by_pkid.insert(pkid, pos); }
                                 Some(Tag::Other) => {}
                                 None => tracing::debug!(pkid, "a publish went out that we did not tag"),
                             }
                         }
                         Ok(MqttEvent::Incoming(Packet::Publish(p))) => self.route(&p.topic, p.payload.to_vec()),
                         Ok(MqttEvent::Incoming(Packet::PubAck(ack))) => {
-                            if let Some(seq) = window.by_pkid.remove(&ack.pkid) {
+                            if let Some(pos) = window.by_pkid.remove(&ack.pkid) {
                                 window.in_flight = window.in_flight.saturating_sub(1);
-                                window.acked.push(seq);
+                                window.acked.push(pos);
                                 // Remove acknowledged events in batches; at once when idle.
                                 if window.acked.len() >= ACK_BATCH || window.in_flight == 0 {
                                     self.flush_acks(&mut window);
@@ -437,8 +439,8 @@ impl MqttTask {
         max_published: &mut u64,
         decided: crate::pipeline::Decided,
     ) {
-        let seq = decided.seq;
-        if seq == 0 || seq != window.next || !window.ahead.is_empty() || window.in_flight >= WINDOW
+        let pos = decided.pos;
+        if pos == 0 || pos != window.next || !window.ahead.is_empty() || window.in_flight >= WINDOW
         {
             return;
         }
@@ -453,13 +455,13 @@ impl MqttTask {
         {
             return;
         }
-        window.next = seq + 1;
-        window.unassigned.push_back(Tag::Event(seq));
+        window.next = pos + 1;
+        window.unassigned.push_back(Tag::Event(pos));
         window.in_flight += 1;
-        if seq <= *max_published {
+        if pos <= *max_published {
             Counters::bump(&self.shared.counters.redelivered);
         }
-        *max_published = (*max_published).max(seq);
+        *max_published = (*max_published).max(pos);
     }
 
     /// Tops the window up from the outbox, reading ahead [`READ_AHEAD`] events at a time.
@@ -480,7 +482,7 @@ impl MqttTask {
                     }
                 }
             }
-            let Some((seq, payload)) = window.ahead.pop_front() else {
+            let Some((pos, payload)) = window.ahead.pop_front() else {
                 return;
             };
             if client
@@ -489,15 +491,15 @@ impl MqttTask {
             {
                 // rumqttc's queue is full: read this one again next time.
                 window.ahead.clear();
-                window.next = seq;
+                window.next = pos;
                 return;
             }
-            window.unassigned.push_back(Tag::Event(seq));
+            window.unassigned.push_back(Tag::Event(pos));
             window.in_flight += 1;
-            if seq <= *max_published {
+            if pos <= *max_published {
                 Counters::bump(&self.shared.counters.redelivered);
             }
-            *max_published = (*max_published).max(seq);
+            *max_published = (*max_published).max(pos);
         }
     }
 

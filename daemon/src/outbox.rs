@@ -1,31 +1,35 @@
-//! The durable outbox and event archive (SPEC §8).
+//! The durable outbox and event archive.
 //!
-//! Every tap becomes an [`Event`] with the next `seq`, written to the `journal` tree and
-//! synced to disk before anyone hears of it. Keys in `journal`:
+//! Every tap becomes an [`Event`] at the next *position*, written to the `journal` tree and
+//! synced to disk before anyone hears of it. Positions count every event this data
+//! directory ever recorded and are never reused; the event's `seq` is its position within
+//! the current stream (`seq = position - base`, see [`crate::recovery`]). Keys in `journal`:
 //!
-//! | key                  | value                                  |
-//! | -------------------- | -------------------------------------- |
-//! | `e` + seq (u64 BE)   | the event's JSON, kept `keep_days`     |
-//! | `p` + seq (u64 BE)   | empty: not yet acknowledged by broker  |
-//! | `t` + card UID bytes | toggle state: direction byte, ms (BE)  |
-//! | `m/last_seq`         | the highest `seq` ever written         |
+//! | key                       | value                                   |
+//! | ------------------------- | --------------------------------------- |
+//! | `e` + position (u64 BE)   | the event's JSON, kept `keep_days`      |
+//! | `p` + position (u64 BE)   | empty: not yet acknowledged by broker   |
+//! | `t` + card UID bytes      | toggle state: direction byte, ms (BE)   |
+//! | `m/last_seq`              | the highest position ever written       |
 //!
 //! One tap's writes (and a whole burst's) are one record in the write-ahead log
 //! ([`crate::wal`]), synced with one `fdatasync` (a group commit); that is the durability
 //! point, and the decisions go out right then. The same writes then go into sled in memory,
 //! one insert at a time (a sled batch would make sled write its buffer out beside every
-//! commit); checkpoints (sled flushed and synced) empty the log, and a start replays what
-//! the log still holds. `seq` is the larger of `m/last_seq` and the last archived event, so
-//! it never repeats, also after a crash (a record is all or nothing).
+//! commit); checkpoints (sled flushed and synced, [`crate::mark`] written, the log emptied)
+//! bound the log, and a start replays what the log still holds and checks the records
+//! against each other ([`crate::recovery`]).
 //!
 //! Measured on the development VM (ext4 on virtio, `benches/pipeline.rs`,
 //! `benches/delivery.rs`): with sled's own flush plus an `fdatasync` per commit, tap to
 //! broker acknowledgement took 556 µs median; with the log, 310–320 µs, against 175–225 µs
 //! for a bare publish-to-PUBACK plus one `fdatasync`.
 
+use crate::mark::{Mark, MarkFile, MarkState};
+use crate::recovery::{Findings, LogFindings, LogRecord, Severity, SledFindings, StreamChoice};
 use crate::store::{decode_i64, decode_u64, Store, StoreError};
 use crate::wal::{AckLog, Insert, Wal};
-use id06_protocol::{CardUid, Direction, Event, UtcMillis};
+use id06_protocol::{CardUid, Direction, Event, StreamId, UtcMillis};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -39,14 +43,14 @@ const PENDING: u8 = b'p';
 const TOGGLE: u8 = b't';
 const LAST_SEQ: &[u8] = b"m/last_seq";
 
-fn key(prefix: u8, seq: u64) -> [u8; 9] {
+fn key(prefix: u8, pos: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = prefix;
-    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k[1..].copy_from_slice(&pos.to_be_bytes());
     k
 }
 
-fn seq_of(key: &[u8]) -> Option<u64> {
+fn pos_of(key: &[u8]) -> Option<u64> {
     key.get(1..9).and_then(decode_u64)
 }
 
@@ -55,6 +59,20 @@ fn toggle_key(uid: &CardUid) -> Vec<u8> {
     k.push(TOGGLE);
     k.extend_from_slice(uid.as_bytes());
     k
+}
+
+/// A fresh random stream identifier.
+pub fn new_stream_id() -> StreamId {
+    let mut b = [0u8; 16];
+    if getrandom::getrandom(&mut b).is_err() {
+        // No entropy source: the clock and the process id are the next best thing.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(1);
+        b = (nanos ^ (u128::from(std::process::id()) << 96)).to_le_bytes();
+    }
+    StreamId::from_random(b)
 }
 
 /// A toggle-state change to record with a batch: the card's last granted direction.
@@ -73,21 +91,31 @@ pub struct ToggleRecord {
 pub struct OutboxStats {
     /// Events not yet acknowledged by the broker.
     pub depth: u64,
-    /// The oldest of them: seq and time.
+    /// The oldest of them: its seq (within its stream) and time.
     pub oldest: Option<(u64, UtcMillis)>,
-    /// The highest seq written.
+    /// The stream new taps are recorded in.
+    pub stream: StreamId,
+    /// The highest seq recorded in that stream.
     pub last_seq: u64,
     /// Events kept in the archive (delivered or not).
     pub archived: u64,
+}
+
+/// The log and the mark: changed together, under one lock, by commits and checkpoints.
+struct Logs {
+    wal: Wal,
+    mark: MarkFile,
 }
 
 /// The outbox. Cheap to clone; one writer (the tap pipeline), any number of readers.
 #[derive(Clone)]
 pub struct Outbox {
     store: Store,
-    last_seq: Arc<AtomicU64>,
+    stream: StreamId,
+    base: u64,
+    last_pos: Arc<AtomicU64>,
     depth: Arc<AtomicU64>,
-    wal: Arc<Mutex<Wal>>,
+    logs: Arc<Mutex<Logs>>,
     /// Held while recorded events go into the database; an acknowledgement waits for it
     /// (an event sent from its decision can be acknowledged before it is in the database).
     applying: Arc<Mutex<()>>,
@@ -95,84 +123,171 @@ pub struct Outbox {
     acks: Arc<Mutex<AckLog>>,
 }
 
+/// The highest position sled knows: `m/last_seq`, or the last archived event.
+fn last_pos_in(j: &sled::Tree) -> Result<u64, sled::Error> {
+    let from_meta = j.get(LAST_SEQ)?.and_then(|v| decode_u64(&v)).unwrap_or(0);
+    let from_archive = j
+        .scan_prefix([EVENT])
+        .next_back()
+        .transpose()?
+        .and_then(|(k, _)| pos_of(&k))
+        .unwrap_or(0);
+    Ok(from_meta.max(from_archive))
+}
+
+/// A log record as recovery sees it: its first event position and `m/last_seq`.
+fn log_record(offset: usize, inserts: &[Insert], before: u64) -> LogRecord {
+    let first_pos = inserts
+        .iter()
+        .filter(|(k, _)| k.first() == Some(&EVENT))
+        .filter_map(|(k, _)| pos_of(k))
+        .min();
+    let last_pos = inserts
+        .iter()
+        .find(|(k, _)| k.as_slice() == LAST_SEQ)
+        .and_then(|(_, v)| decode_u64(v))
+        .unwrap_or(before);
+    LogRecord {
+        offset,
+        first_pos,
+        last_pos,
+    }
+}
+
 impl Outbox {
-    /// Opens the outbox in `store`, recovering the counters.
+    /// Opens the outbox in `store`: replays the write-ahead log and the acknowledgement log
+    /// into the database, checks them against the mark and the database, says in the log
+    /// what is damaged, chooses the stream ([`crate::recovery::plan`]) and checkpoints.
     pub fn open(store: &Store) -> Result<Outbox, StoreError> {
         let sled_err = |e| StoreError::from_sled(&store.dir, e);
-        let j = &store.journal;
-        let wal_err = |e: std::io::Error| StoreError::Io {
+        let io_err = |what: &str, e: std::io::Error| StoreError::Io {
             dir: store.dir.clone(),
-            detail: format!("the outbox's write-ahead log {WAL_NAME}: {e}"),
+            detail: format!("{what}: {e}"),
         };
+        let j = &store.journal;
+        let (mark, mark_state) = MarkFile::open(&store.dir)
+            .map_err(|e| io_err(&format!("the outbox's mark {}", crate::mark::MARK_NAME), e))?;
+        let hints = match &mark_state {
+            MarkState::Found { mark, .. } => vec![mark.epoch, mark.prev_epoch],
+            _ => Vec::new(),
+        };
+        let sled_last = last_pos_in(j).map_err(sled_err)?;
         // Taps whose record is in the log may not have reached sled's file, or only in
         // part (a commit puts its inserts into sled one by one): apply every record again,
-        // oldest first, make sled durable, and start an empty log. Re-applying is
-        // idempotent except that it restores the pending marker of an event acknowledged
-        // after its record was written; the acknowledgement log below takes it out again
-        // (if that log was lost in a power cut, the event is delivered again with the same
-        // event_id, which at-least-once allows; skipping a record instead could lose one).
-        let (mut wal, recovered) = Wal::open(&store.dir.join(WAL_NAME)).map_err(wal_err)?;
-        if !recovered.records.is_empty() {
-            for inserts in &recovered.records {
-                for (k, v) in inserts {
-                    j.insert(k.as_slice(), v.as_slice()).map_err(sled_err)?;
-                }
+        // oldest first. Re-applying is idempotent except that it restores the pending
+        // marker of an event acknowledged after its record was written; the
+        // acknowledgement log below takes it out again (if that log was lost in a power
+        // cut, the event is delivered again with the same event_id, which at-least-once
+        // allows; skipping a record instead could lose one).
+        let (wal, opened) = Wal::open(&store.dir.join(WAL_NAME), &hints)
+            .map_err(|e| io_err(&format!("the outbox's write-ahead log {WAL_NAME}"), e))?;
+        let mut records = Vec::with_capacity(opened.scan.records.len());
+        let mut before = 0;
+        for r in &opened.scan.records {
+            for (k, v) in &r.inserts {
+                j.insert(k.as_slice(), v.as_slice()).map_err(sled_err)?;
             }
+            let rec = log_record(r.offset, &r.inserts, before);
+            before = rec.last_pos;
+            records.push(rec);
         }
         // Then the acknowledgements noted since the last checkpoint (the replay may just
         // have restored their pending markers).
-        let (mut acks, acked) =
-            AckLog::open(&store.dir.join(ACKS_NAME)).map_err(|e| StoreError::Io {
-                dir: store.dir.clone(),
-                detail: format!("the outbox's acknowledgement log {ACKS_NAME}: {e}"),
-            })?;
-        for seq in &acked {
-            j.remove(key(PENDING, *seq)).map_err(sled_err)?;
+        let (acks, ack_scan) = AckLog::open(&store.dir.join(ACKS_NAME))
+            .map_err(|e| io_err(&format!("the outbox's acknowledgement log {ACKS_NAME}"), e))?;
+        for pos in &ack_scan.acks {
+            j.remove(key(PENDING, *pos)).map_err(sled_err)?;
         }
-        if !recovered.records.is_empty() || !acked.is_empty() {
-            store.flush()?;
-            wal.reset().map_err(wal_err)?;
-            acks.clear().map_err(wal_err)?;
+        let findings = Findings {
+            mark: mark_state,
+            log: LogFindings {
+                created: opened.created,
+                found_len: opened.found_len,
+                records,
+                epoch: opened.scan.epoch,
+                skipped: opened.scan.skipped.clone(),
+                tail: opened.scan.tail,
+            },
+            sled: SledFindings {
+                empty: store.stream()?.is_none() && sled_last == 0,
+                stream: store.stream()?,
+                last_pos: sled_last,
+            },
+            acks: ack_scan.acks.iter().copied().collect(),
+            acks_unreadable: ack_scan.unreadable,
+        };
+        let plan = crate::recovery::plan(&findings);
+        for (severity, line) in &plan.findings {
+            match severity {
+                Severity::Info => tracing::info!("{line}"),
+                Severity::Warn => tracing::warn!("{line}"),
+                Severity::Error => tracing::error!("{line}"),
+            }
+        }
+        let last_pos = plan.highest.max(last_pos_in(j).map_err(sled_err)?);
+        let (stream, base) = match plan.stream {
+            StreamChoice::Continue { stream, base } => (stream, base),
+            StreamChoice::New { reason } => {
+                let stream = new_stream_id();
+                if reason == "a new data directory" {
+                    tracing::info!(%stream, "a new data directory: taps are recorded in stream {stream} from seq 1");
+                } else {
+                    tracing::error!(
+                        %stream,
+                        "starting a new stream {stream} (seq from 1) so that no seq is ever given to two taps: {reason}; events already recorded keep their stream and seq and are still delivered"
+                    );
+                }
+                (stream, last_pos)
+            }
+        };
+        if store.stream()? != Some((stream, base)) {
+            store.set_stream(stream, base)?;
+        }
+        j.insert(LAST_SEQ, &last_pos.to_be_bytes())
+            .map_err(sled_err)?;
+        if !opened.scan.records.is_empty() || !ack_scan.acks.is_empty() {
             tracing::info!(
-                records = recovered.records.len(),
-                acknowledgements = acked.len(),
+                records = opened.scan.records.len(),
+                acknowledgements = ack_scan.acks.len(),
                 "replayed the outbox logs into the database"
             );
         }
-        let from_meta = j
-            .get(LAST_SEQ)
-            .map_err(sled_err)?
-            .and_then(|v| decode_u64(&v))
-            .unwrap_or(0);
-        let from_archive = j
-            .scan_prefix([EVENT])
-            .next_back()
-            .transpose()
-            .map_err(sled_err)?
-            .and_then(|(k, _)| seq_of(&k))
-            .unwrap_or(0);
         let mut depth = 0u64;
         for item in j.scan_prefix([PENDING]) {
             item.map_err(sled_err)?;
             depth += 1;
         }
-        Ok(Outbox {
+        let outbox = Outbox {
             store: store.clone(),
-            last_seq: Arc::new(AtomicU64::new(from_meta.max(from_archive))),
+            stream,
+            base,
+            last_pos: Arc::new(AtomicU64::new(last_pos)),
             depth: Arc::new(AtomicU64::new(depth)),
-            wal: Arc::new(Mutex::new(wal)),
+            logs: Arc::new(Mutex::new(Logs { wal, mark })),
             applying: Arc::new(Mutex::new(())),
             acks: Arc::new(Mutex::new(acks)),
-        })
+        };
+        outbox.checkpoint()?;
+        Ok(outbox)
     }
 
     fn err(&self, e: sled::Error) -> StoreError {
         StoreError::from_sled(&self.store.dir, e)
     }
 
-    /// The highest `seq` written so far (0 before the first event).
+    /// The stream new taps are recorded in.
+    pub fn stream(&self) -> StreamId {
+        self.stream
+    }
+
+    /// The highest position written so far (0 before the first event).
+    pub fn last_pos(&self) -> u64 {
+        self.last_pos.load(Ordering::Acquire)
+    }
+
+    /// The highest seq recorded in the current stream (0 before its first event).
     pub fn last_seq(&self) -> u64 {
-        self.last_seq.load(Ordering::Acquire)
+        self.last_pos().saturating_sub(self.base)
     }
 
     /// Events waiting for the broker's acknowledgement.
@@ -197,15 +312,15 @@ impl Outbox {
         }))
     }
 
-    /// Records `events` durably: gives them the next `seq`s (overwriting `seq` and
-    /// `event_id`), writes them and the toggle changes as one log record, and syncs it to
-    /// disk. Returns the events as recorded. On error nothing is recorded and no `seq` is
-    /// used up.
+    /// Records `events` durably: gives them the next positions and seqs (setting `stream`,
+    /// `seq`, `event_id`, and `decision_id` where it is empty), writes them and the toggle
+    /// changes as one log record, and syncs it to disk. Returns the events as recorded with
+    /// their positions. On error nothing is recorded and no position is used up.
     pub fn commit(
         &self,
         events: Vec<Event>,
         toggles: &[ToggleRecord],
-    ) -> Result<Vec<Event>, StoreError> {
+    ) -> Result<Vec<(u64, Event)>, StoreError> {
         self.commit_then(events, toggles, |_| {})
     }
 
@@ -214,24 +329,30 @@ impl Outbox {
     /// the decisions go while the database is updated in memory).
     pub fn commit_then(
         &self,
-        mut events: Vec<Event>,
+        events: Vec<Event>,
         toggles: &[ToggleRecord],
-        on_durable: impl FnOnce(&[Event]),
-    ) -> Result<Vec<Event>, StoreError> {
+        on_durable: impl FnOnce(&[(u64, Event)]),
+    ) -> Result<Vec<(u64, Event)>, StoreError> {
         if events.is_empty() && toggles.is_empty() {
-            return Ok(events);
+            return Ok(Vec::new());
         }
-        let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
-        let mut seq = self.last_seq();
+        let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pos = self.last_pos();
+        let mut recorded = Vec::with_capacity(events.len());
         let mut inserts: Vec<Insert> = Vec::with_capacity(events.len() * 2 + toggles.len() + 1);
-        for e in &mut events {
-            seq += 1;
-            e.seq = seq;
-            e.event_id = Event::event_id_for(&e.terminal_id, seq);
+        for mut e in events {
+            pos += 1;
+            e.stream = self.stream;
+            e.seq = pos - self.base;
+            e.event_id = Event::event_id_for(&e.site_id, &e.terminal_id, &self.stream, e.seq);
+            if e.decision_id.is_empty() {
+                e.decision_id = e.event_id.clone();
+            }
             // The event before its pending marker: a reader that sees the marker finds
             // the event.
-            inserts.push((key(EVENT, seq).to_vec(), e.to_json()));
-            inserts.push((key(PENDING, seq).to_vec(), Vec::new()));
+            inserts.push((key(EVENT, pos).to_vec(), e.to_json()));
+            inserts.push((key(PENDING, pos).to_vec(), Vec::new()));
+            recorded.push((pos, e));
         }
         for t in toggles {
             let mut v = Vec::with_capacity(9);
@@ -242,12 +363,20 @@ impl Outbox {
             v.extend_from_slice(&t.at_ms.to_be_bytes());
             inserts.push((toggle_key(&t.uid), v));
         }
-        inserts.push((LAST_SEQ.to_vec(), seq.to_be_bytes().to_vec()));
-        // The durability point: one record, one fdatasync.
-        wal.append(&inserts).map_err(|e| self.wal_err(e))?;
+        inserts.push((LAST_SEQ.to_vec(), pos.to_be_bytes().to_vec()));
+        // The durability point: one record, one fdatasync, in the file that is still the
+        // data directory's (a log that was deleted or replaced under us stores nothing).
+        logs.wal.append(&inserts).map_err(|e| self.wal_err(e))?;
+        crate::watch::still_in_place(logs.wal.file(), logs.wal.path()).map_err(|detail| {
+            StoreError::Io {
+                dir: self.store.dir.clone(),
+                detail,
+            }
+        })?;
         let applying = self.applying.lock().unwrap_or_else(|e| e.into_inner());
-        on_durable(&events);
-        self.depth.fetch_add(events.len() as u64, Ordering::AcqRel);
+        on_durable(&recorded);
+        self.depth
+            .fetch_add(recorded.len() as u64, Ordering::AcqRel);
         // One insert at a time, not a sled batch (the log record already makes them all
         // or nothing; a batch would make sled write its buffer out beside every commit).
         for (k, v) in &inserts {
@@ -255,7 +384,7 @@ impl Outbox {
                 // The events are durable in the log and their decisions are out: they
                 // keep their seqs and reach the database when the log is replayed at
                 // the next start. Until then no checkpoint may empty the log.
-                wal.pin();
+                logs.wal.pin();
                 tracing::error!(
                     "cannot add recorded events to the database ({}); they are safe in {WAL_NAME} and are delivered after a restart",
                     self.err(e)
@@ -263,16 +392,16 @@ impl Outbox {
                 break;
             }
         }
-        // Only now: whoever reads last_seq and then the pending markers finds them all.
-        self.last_seq.store(seq, Ordering::Release);
+        // Only now: whoever reads last_pos and then the pending markers finds them all.
+        self.last_pos.store(pos, Ordering::Release);
         drop(applying);
-        if wal.checkpoint_due() {
-            if let Err(e) = self.checkpoint_locked(&mut wal) {
+        if logs.wal.checkpoint_due() {
+            if let Err(e) = self.checkpoint_locked(&mut logs) {
                 // The taps are safe in the log; the next commit tries again.
                 tracing::warn!("outbox checkpoint failed: {e}");
             }
         }
-        Ok(events)
+        Ok(recorded)
     }
 
     fn wal_err(&self, e: std::io::Error) -> StoreError {
@@ -282,12 +411,30 @@ impl Outbox {
         }
     }
 
-    fn checkpoint_locked(&self, wal: &mut Wal) -> Result<(), StoreError> {
+    fn checkpoint_locked(&self, logs: &mut Logs) -> Result<(), StoreError> {
+        if logs.wal.is_pinned() {
+            return Ok(());
+        }
         // No acknowledgement between the flush and clearing their log: each is either in
         // the flushed database or still in the log.
         let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
         self.store.flush()?;
-        wal.reset().map_err(|e| self.wal_err(e))?;
+        // The mark first: once it names the next epoch and the exact last position, the
+        // log may be emptied (a crash in between leaves a log of the previous epoch, whose
+        // records the database already holds).
+        let epoch = crate::wal::new_epoch();
+        let mark = Mark {
+            stream: self.stream,
+            base: self.base,
+            last_pos: self.last_pos(),
+            epoch,
+            prev_epoch: logs.wal.epoch(),
+        };
+        logs.mark.write(&mark).map_err(|e| StoreError::Io {
+            dir: self.store.dir.clone(),
+            detail: format!("the outbox's mark {}: {e}", crate::mark::MARK_NAME),
+        })?;
+        logs.wal.reset(epoch).map_err(|e| self.wal_err(e))?;
         if let Err(e) = acks.clear() {
             // Harmless: acknowledgements applied again at the next start are still true.
             tracing::warn!("cannot empty the outbox's acknowledgement log {ACKS_NAME}: {e}");
@@ -295,67 +442,81 @@ impl Outbox {
         Ok(())
     }
 
-    /// Makes sled hold everything durably and empties the log (at a clean stop, so that
-    /// the next start has nothing to replay).
+    /// Makes sled hold everything durably, writes the mark and empties the log (at a clean
+    /// stop, so that the next start has nothing to replay).
     pub fn checkpoint(&self) -> Result<(), StoreError> {
-        let mut wal = self.wal.lock().unwrap_or_else(|e| e.into_inner());
-        self.checkpoint_locked(&mut wal)
+        let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        self.checkpoint_locked(&mut logs)
     }
 
-    /// Up to `limit` undelivered events with `seq >= from`, in `seq` order, as JSON.
+    /// Whether the data directory's files are still the ones this outbox writes to (not
+    /// deleted, replaced or moved away); the reason when they are not.
+    pub fn check_in_place(&self) -> Result<(), String> {
+        let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        crate::watch::still_in_place(logs.wal.file(), logs.wal.path())?;
+        crate::watch::still_in_place(logs.mark.file(), logs.mark.path())
+    }
+
+    /// Up to `limit` undelivered events at positions `>= from`, in order, as JSON.
     pub fn pending_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let j = &self.store.journal;
-        let mut seqs = Vec::with_capacity(limit.min(1024));
+        let mut positions = Vec::with_capacity(limit.min(1024));
         for item in j.range(key(PENDING, from)..key(PENDING, u64::MAX)) {
-            if seqs.len() >= limit {
+            if positions.len() >= limit {
                 break;
             }
             let (k, _) = item.map_err(|e| self.err(e))?;
-            if let Some(seq) = seq_of(&k) {
-                seqs.push(seq);
+            if let Some(pos) = pos_of(&k) {
+                positions.push(pos);
             }
         }
-        let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
+        let (Some(&first), Some(&last)) = (positions.first(), positions.last()) else {
             return Ok(Vec::new());
         };
-        // One ordered pass over the events in the same range (a merge, not a get per seq).
-        let mut out = Vec::with_capacity(seqs.len());
-        let mut wanted = seqs.iter().copied().peekable();
+        // One ordered pass over the events in the same range (a merge, not a get each).
+        let mut out = Vec::with_capacity(positions.len());
+        let mut wanted = positions.iter().copied().peekable();
         for item in j.range(key(EVENT, first)..=key(EVENT, last)) {
             let (k, v) = item.map_err(|e| self.err(e))?;
-            let Some(seq) = seq_of(&k) else { continue };
-            while wanted.peek().is_some_and(|w| *w < seq) {
+            let Some(pos) = pos_of(&k) else { continue };
+            while wanted.peek().is_some_and(|w| *w < pos) {
                 let lost = wanted.next().unwrap_or_default();
-                tracing::error!(seq = lost, "outbox entry without its event; dropping it");
+                tracing::error!(
+                    position = lost,
+                    "outbox entry without its event; dropping it"
+                );
                 self.ack(lost)?;
             }
-            if wanted.peek() == Some(&seq) {
+            if wanted.peek() == Some(&pos) {
                 wanted.next();
-                out.push((seq, v.to_vec()));
+                out.push((pos, v.to_vec()));
             }
         }
         for lost in wanted {
-            tracing::error!(seq = lost, "outbox entry without its event; dropping it");
+            tracing::error!(
+                position = lost,
+                "outbox entry without its event; dropping it"
+            );
             self.ack(lost)?;
         }
         Ok(out)
     }
 
-    /// Removes several acknowledged events from the outbox in one batch; returns how many
+    /// Removes several acknowledged events from the outbox in one go; returns how many
     /// were still in it.
-    pub fn ack_many(&self, seqs: &[u64]) -> Result<u64, StoreError> {
+    pub fn ack_many(&self, positions: &[u64]) -> Result<u64, StoreError> {
         let j = &self.store.journal;
         let _applied = self.applying.lock().unwrap_or_else(|e| e.into_inner());
         let mut removed = 0u64;
-        let mut unique = seqs.to_vec();
+        let mut unique = positions.to_vec();
         unique.sort_unstable();
         unique.dedup();
         let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
         acks.append(&unique);
         // One remove at a time, not a sled batch: a batch makes sled write its buffer out
         // at once, and a removal lost in a power cut only means a redelivery.
-        for seq in &unique {
-            if j.remove(key(PENDING, *seq))
+        for pos in &unique {
+            if j.remove(key(PENDING, *pos))
                 .map_err(|e| self.err(e))?
                 .is_some()
             {
@@ -368,7 +529,7 @@ impl Outbox {
         Ok(removed)
     }
 
-    /// The first undelivered `seq`, if any.
+    /// The first undelivered position, if any.
     pub fn first_pending(&self) -> Result<Option<u64>, StoreError> {
         Ok(self
             .store
@@ -377,21 +538,22 @@ impl Outbox {
             .next()
             .transpose()
             .map_err(|e| self.err(e))?
-            .and_then(|(k, _)| seq_of(&k)))
+            .and_then(|(k, _)| pos_of(&k)))
     }
 
-    /// The broker acknowledged `seq`: it leaves the outbox (the archive keeps it). Not
-    /// synced on its own: losing an acknowledgement in a crash means one redelivery.
-    pub fn ack(&self, seq: u64) -> Result<bool, StoreError> {
-        Ok(self.ack_many(&[seq])? == 1)
+    /// The broker acknowledged the event at `pos`: it leaves the outbox (the archive keeps
+    /// it). Not synced on its own: losing an acknowledgement in a crash means one
+    /// redelivery.
+    pub fn ack(&self, pos: u64) -> Result<bool, StoreError> {
+        Ok(self.ack_many(&[pos])? == 1)
     }
 
-    /// An archived event by `seq`.
-    pub fn event(&self, seq: u64) -> Result<Option<Event>, StoreError> {
+    /// An archived event by position.
+    pub fn event(&self, pos: u64) -> Result<Option<Event>, StoreError> {
         let v = self
             .store
             .journal
-            .get(key(EVENT, seq))
+            .get(key(EVENT, pos))
             .map_err(|e| self.err(e))?;
         Ok(v.and_then(|v| Event::from_json(&v).ok()))
     }
@@ -399,7 +561,7 @@ impl Outbox {
     /// Depth, oldest pending event and archive size.
     pub fn stats(&self) -> Result<OutboxStats, StoreError> {
         let oldest = match self.first_pending()? {
-            Some(seq) => self.event(seq)?.map(|e| (seq, e.occurred_at)),
+            Some(pos) => self.event(pos)?.map(|e| (e.seq, e.occurred_at)),
             None => None,
         };
         let mut archived = 0u64;
@@ -410,12 +572,14 @@ impl Outbox {
         Ok(OutboxStats {
             depth: self.depth(),
             oldest,
+            stream: self.stream,
             last_seq: self.last_seq(),
             archived,
         })
     }
 
-    /// Archived events with `occurred_at >= since`, in `seq` order.
+    /// Archived events with `occurred_at >= since`, in the order they were recorded, each
+    /// with whether the broker has acknowledged it.
     pub fn events_since(&self, since: UtcMillis) -> Result<Vec<(Event, bool)>, StoreError> {
         let mut out = Vec::new();
         for item in self.store.journal.scan_prefix([EVENT]) {
@@ -425,10 +589,11 @@ impl Outbox {
                 continue;
             };
             if e.occurred_at >= since {
+                let Some(pos) = pos_of(&k) else { continue };
                 let pending = self
                     .store
                     .journal
-                    .contains_key(key(PENDING, e.seq))
+                    .contains_key(key(PENDING, pos))
                     .map_err(|e| self.err(e))?;
                 out.push((e, !pending));
             }
@@ -444,12 +609,12 @@ impl Outbox {
         let mut batch = sled::Batch::default();
         for item in j.scan_prefix([EVENT]) {
             let (k, v) = item.map_err(|e| self.err(e))?;
-            let Some(seq) = seq_of(&k) else { continue };
+            let Some(pos) = pos_of(&k) else { continue };
             let old = Event::from_json(&v).map_or(true, |e| e.occurred_at < cutoff);
             if !old {
                 break;
             }
-            if j.contains_key(key(PENDING, seq)).map_err(|e| self.err(e))? {
+            if j.contains_key(key(PENDING, pos)).map_err(|e| self.err(e))? {
                 continue;
             }
             batch.remove(k);
@@ -465,13 +630,15 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use id06_protocol::{CardStatus, Decision, EventSchemaV1};
+    use id06_protocol::{CardStatus, Decision, EventSchema};
 
     pub(crate) fn draft(uid: &str, at: i64) -> Event {
         Event {
-            schema: EventSchemaV1,
+            schema: EventSchema,
             event_id: String::new(),
+            stream: StreamId::from_bytes([0; 16]),
             seq: 0,
+            decision_id: String::new(),
             site_id: "SE-1".into(),
             terminal_id: "t1".into(),
             reader: "entry".into(),
@@ -496,8 +663,11 @@ mod tests {
             let got = o
                 .commit(vec![draft("04A1B2C3", 1), draft("04A1B2C4", 2)], &[])
                 .unwrap();
-            assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
-            assert_eq!(got[1].event_id, "t1:2");
+            assert_eq!(got.iter().map(|e| e.1.seq).collect::<Vec<_>>(), vec![1, 2]);
+            let stream = o.stream();
+            assert_eq!(got[1].1.stream, stream);
+            assert_eq!(got[1].1.event_id, format!("SE-1:t1:{stream}:2"));
+            assert_eq!(got[1].1.decision_id, got[1].1.event_id);
             // Deliver everything: the outbox is empty, but seq must not restart.
             o.ack(1).unwrap();
             o.ack(2).unwrap();
@@ -507,7 +677,76 @@ mod tests {
         let o = Outbox::open(&store).unwrap();
         assert_eq!(o.last_seq(), 2);
         let got = o.commit(vec![draft("04A1B2C3", 3)], &[]).unwrap();
-        assert_eq!(got[0].seq, 3);
+        assert_eq!(got[0].1.seq, 3);
+    }
+
+    #[test]
+    fn a_recreated_data_directory_is_a_new_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = {
+            let store = Store::open(dir.path(), "t1").unwrap();
+            let o = Outbox::open(&store).unwrap();
+            o.commit(vec![draft("04A1B2C3", 1)], &[]).unwrap();
+            o.stream()
+        };
+        std::fs::remove_dir_all(dir.path()).unwrap();
+        let store = Store::open(dir.path(), "t1").unwrap();
+        let o = Outbox::open(&store).unwrap();
+        assert_ne!(o.stream(), first);
+        let got = o.commit(vec![draft("04A1B2C3", 2)], &[]).unwrap();
+        assert_eq!((got[0].1.seq, got[0].1.stream), (1, o.stream()));
+    }
+
+    #[test]
+    fn a_log_cut_short_starts_a_new_stream_and_keeps_the_old_events_deliverable() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = {
+            let store = Store::open(dir.path(), "t1").unwrap();
+            let o = Outbox::open(&store).unwrap();
+            o.commit((0..5).map(|i| draft("04A1B2C3", i)).collect(), &[])
+                .unwrap();
+            o.checkpoint().unwrap();
+            o.commit((5..8).map(|i| draft("04A1B2C3", i)).collect(), &[])
+                .unwrap();
+            o.stream()
+        };
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(WAL_NAME))
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let store = Store::open(dir.path(), "t1").unwrap();
+        let o = Outbox::open(&store).unwrap();
+        assert_ne!(
+            o.stream(),
+            old,
+            "which seqs of the old stream exist is not known"
+        );
+        assert_eq!(o.last_seq(), 0);
+        let new = o.commit(vec![draft("04A1B2C3", 9)], &[]).unwrap();
+        assert_eq!(new[0].1.seq, 1);
+        assert!(new[0].0 > 5, "positions are never reused");
+        // The old stream's events that were checkpointed are still there, in order, first.
+        let pending: Vec<Event> = o
+            .pending_from(0, 100)
+            .unwrap()
+            .iter()
+            .map(|(_, json)| Event::from_json(json).unwrap())
+            .collect();
+        let old_seqs: Vec<u64> = pending
+            .iter()
+            .filter(|e| e.stream == old)
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(&old_seqs[..5], &[1, 2, 3, 4, 5]);
+        assert_eq!(pending.last().unwrap().stream, o.stream());
+        // And the next start continues the new stream.
+        drop(o);
+        drop(store);
+        let store = Store::open(dir.path(), "t1").unwrap();
+        let o = Outbox::open(&store).unwrap();
+        assert_eq!(o.last_seq(), 1);
     }
 
     #[test]

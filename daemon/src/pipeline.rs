@@ -15,7 +15,7 @@ use crate::decide::{decide, toggle_direction};
 use crate::outbox::{Outbox, ToggleRecord};
 use crate::shared::{Counters, Shared};
 use id06_protocol::{
-    CardUid, Decision, Direction, Event, EventSchemaV1, Hint, ReaderState, UtcMillis,
+    CardUid, Decision, Direction, Event, EventSchema, Hint, ReaderState, UtcMillis,
 };
 use id06_readers::{ReaderMessage, Report};
 use std::collections::{HashMap, VecDeque};
@@ -28,13 +28,13 @@ const BURST: usize = 512;
 /// The most events held in memory while the disk refuses them.
 const MAX_UNSTORED: usize = 100_000;
 
-/// A decision for `P/decision`: the event as JSON, and its `seq` once it is durable (0 while
-/// the disk refuses it). A durable one's payload is byte for byte the stored event, so the
-/// MQTT task may send it on `P/event` too when it is the next one due.
+/// A decision for `P/decision`: the event as JSON, and its outbox position once it is
+/// durable (0 while the disk refuses it). A durable one's payload is byte for byte the
+/// stored event, so the MQTT task may send it on `P/event` too when it is the next one due.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decided {
-    /// `seq` of the durable event, 0 if not stored yet.
-    pub seq: u64,
+    /// Outbox position of the durable event, 0 if not stored yet.
+    pub pos: u64,
     /// The event as JSON.
     pub payload: Vec<u8>,
     /// When it was decided.
@@ -268,9 +268,11 @@ impl Pipeline {
             self.clock_was_synced = Some(synced);
         }
         let event = Event {
-            schema: EventSchemaV1,
+            schema: EventSchema,
             event_id: String::new(),
+            stream: self.outbox.stream(),
             seq: 0,
+            decision_id: String::new(),
             site_id: self.site_id.clone(),
             terminal_id: self.terminal_id.clone(),
             reader: self.reader_name(reader),
@@ -316,9 +318,9 @@ impl Pipeline {
                 // updated in memory while the MQTT task sends them.
                 self.outbox
                     .commit_then(events, &toggles, |recorded| {
-                        for (e, was_announced) in recorded.iter().zip(&announced) {
+                        for ((pos, e), was_announced) in recorded.iter().zip(&announced) {
                             let decided = Decided {
-                                seq: e.seq,
+                                pos: *pos,
                                 payload: e.to_json(),
                                 at: Instant::now(),
                             };
@@ -348,7 +350,7 @@ impl Pipeline {
                 }
                 self.record_unstored(None);
                 self.shared.wake.notify_one();
-                for e in &recorded {
+                for (_, e) in &recorded {
                     Counters::bump(&c.taps);
                     match e.reason {
                         None => Counters::bump(&c.granted),
@@ -382,13 +384,22 @@ impl Pipeline {
                     tracing::error!(waiting = unstored.len(), "CANNOT STORE TAPS: {message}; they wait in memory and are stored as soon as the disk accepts them");
                     self.shared.status_changed();
                 }
-                // The door must not wait for the disk: decide and signal now, without a seq.
+                // The door must not wait for the disk: decide and signal now, without a seq,
+                // under an id of its own that the stored event will name as its decision.
                 for p in unstored.iter_mut().filter(|p| !p.announced) {
                     p.announced = true;
+                    let id = Event::unstored_id_for(
+                        &p.event.site_id,
+                        &p.event.terminal_id,
+                        &p.event.stream,
+                        crate::wal::random_u64(),
+                    );
+                    p.event.decision_id = id.clone();
                     let mut e = p.event.clone();
                     e.seq = 0;
-                    e.event_id = format!("{}:unstored", e.terminal_id);
+                    e.event_id = id;
                     tracing::warn!(
+                        decision_id = %e.event_id,
                         reader = %e.reader,
                         direction = %e.direction,
                         card = %e.card_uid,
@@ -397,7 +408,7 @@ impl Pipeline {
                         "tap decided but not yet stored (disk full)"
                     );
                     let decided = Decided {
-                        seq: 0,
+                        pos: 0,
                         payload: e.to_json(),
                         at: Instant::now(),
                     };

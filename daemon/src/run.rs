@@ -311,6 +311,32 @@ pub async fn run(
         }
         None => None,
     };
+    // The data directory, watched while we run (see `watch.rs`).
+    let (watch_tx, watch_failed) = tokio::sync::oneshot::channel::<String>();
+    let watcher = {
+        let (outbox, shared, dir) = (outbox.clone(), shared.clone(), config.data_dir.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(crate::watch::WATCH_EVERY);
+            loop {
+                every.tick().await;
+                let (o, d) = (outbox.clone(), dir.clone());
+                let checked = tokio::task::spawn_blocking(move || {
+                    o.check_in_place().and_then(|()| crate::watch::writable(&d))
+                })
+                .await
+                .unwrap_or(Ok(()));
+                if let Err(why) = checked {
+                    tracing::error!("THE DATA DIRECTORY IS GONE OR UNUSABLE: {why}; no tap can be stored, stopping so that the service restarts on a sound data directory");
+                    if let Ok(mut e) = shared.storage_error.lock() {
+                        *e = Some(why.clone());
+                    }
+                    shared.status_changed();
+                    let _ = watch_tx.send(why);
+                    return;
+                }
+            }
+        })
+    };
     on_started(&running);
     drop(running); // its injector must not keep the pipeline open
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
@@ -318,8 +344,14 @@ pub async fn run(
 
     // Run until told to stop, or until a critical task dies.
     let mut mqtt_done = mqtt_done;
+    let mut watch_failed = watch_failed;
     let failure = tokio::select! {
         _ = shutdown.cancelled() => None,
+        Ok(why) = &mut watch_failed => {
+            // Let the MQTT task tell the broker (storage_error on P/status) before stopping.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Some(format!("the data directory cannot be used: {why}"))
+        }
         done = pipeline_done => match done {
             // Only happens on its own if every reader task ended and dropped its sender
             // (simulated readers that finished): not a failure, keep serving MQTT.
@@ -350,6 +382,7 @@ pub async fn run(
     }
     sync_task.abort();
     pruner.abort();
+    watcher.abort();
     control_stop.cancel();
     let _ = control.await;
     if let Some(w) = watchdog {
@@ -358,7 +391,12 @@ pub async fn run(
     if let Some(m) = metrics {
         m.abort();
     }
-    outbox.checkpoint()?;
+    if let Err(e) = outbox.checkpoint() {
+        if failure.is_none() {
+            return Err(e.into());
+        }
+        tracing::error!("cannot checkpoint the outbox at stop: {e}");
+    }
     tracing::info!(
         last_seq = outbox.last_seq(),
         outbox_depth = outbox.depth(),

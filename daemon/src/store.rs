@@ -2,7 +2,8 @@
 //! one terminal's `seq` space from being mixed with another's.
 //!
 //! Trees:
-//! - `meta`: identity of the data directory (`terminal_id`), format version.
+//! - `meta`: identity of the data directory (`terminal_id`), format version, and the stream
+//!   new taps are recorded in (`stream`, `stream_base`; see [`crate::recovery`]).
 //! - `journal`: the outbox and event archive, the `seq` counter and the toggle state, in
 //!   one tree so that a tap's writes are one atomic batch (see [`crate::outbox`]).
 //! - `blocklist_meta` and `blocklist.<generation>`: the blocklist (see [`crate::blocklist`]).
@@ -10,8 +11,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// The on-disk format this build writes.
-pub const FORMAT_VERSION: u64 = 1;
+/// The on-disk format this build writes. 2: events carry a stream (`id06d/event/v2`).
+pub const FORMAT_VERSION: u64 = 2;
 
 /// Why the store cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,15 @@ pub enum StoreError {
         /// Its format version.
         found: u64,
     },
+    /// Written by an id06d before streams, with events this build cannot deliver as they are.
+    #[error("the data directory {dir} holds events recorded by id06d 0.1 (format 1, event ids without a stream), which this version cannot deliver as they were recorded; deliver them with id06d 0.1, then move the data directory away (or remove it) and start again")]
+    TooOld {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// There is no data directory (a read-only command never creates one).
+    #[error("there is no id06d data directory at {0} (has the daemon run with this configuration yet? check data_dir)")]
+    Missing(PathBuf),
     /// Not a sled database, or damaged.
     #[error("the database in {dir} cannot be read ({detail}); it is damaged or not an id06d database — move it away to start afresh (its events would be lost) or restore it from a backup")]
     Corrupt {
@@ -99,9 +109,20 @@ pub struct Store {
     pub journal: sled::Tree,
     /// sled's log file, for `fdatasync` after sled's own flush (see [`Store::flush`]).
     log: Arc<std::fs::File>,
+    /// The database was created by this open (it held no terminal id).
+    pub created: bool,
 }
 
 impl Store {
+    /// Opens the store of an existing data directory, for commands that only read: it
+    /// never creates the directory or a database in it.
+    pub fn open_existing(dir: &Path, terminal_id: &str) -> Result<Store, StoreError> {
+        if !dir.is_dir() || !dir.join("db").join("conf").exists() {
+            return Err(StoreError::Missing(dir.to_path_buf()));
+        }
+        Store::open(dir, terminal_id)
+    }
+
     /// Opens (creating if needed) the store in `dir` for terminal `terminal_id`.
     pub fn open(dir: &Path, terminal_id: &str) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
@@ -153,18 +174,21 @@ impl Store {
                 .and_then(|f| f.sync_all())
                 .map_err(|e| io("cannot sync the data directory", e))?;
         }
-        let store = Store {
+        let mut store = Store {
             dir: dir.to_path_buf(),
             db,
             meta,
             journal,
             log: Arc::new(log),
+            created: false,
         };
-        store.check_identity(terminal_id)?;
+        store.created = store.check_identity(terminal_id)?;
         Ok(store)
     }
 
-    fn check_identity(&self, terminal_id: &str) -> Result<(), StoreError> {
+    /// Checks (or, for a new database, records) the terminal and the format; returns whether
+    /// the database is new.
+    fn check_identity(&self, terminal_id: &str) -> Result<bool, StoreError> {
         let sled_err = |e| StoreError::from_sled(&self.dir, e);
         if let Some(v) = self.meta.get("format").map_err(sled_err)? {
             let found = decode_u64(&v).unwrap_or(u64::MAX);
@@ -173,6 +197,18 @@ impl Store {
                     dir: self.dir.clone(),
                     found,
                 });
+            }
+            if found < FORMAT_VERSION {
+                // Format 1 had no streams: its events cannot be delivered as v2 events.
+                // One that never recorded an event is simply taken over.
+                if self.journal.scan_prefix(b"e").next().is_some() {
+                    return Err(StoreError::TooOld {
+                        dir: self.dir.clone(),
+                    });
+                }
+                self.meta
+                    .insert("format", &FORMAT_VERSION.to_be_bytes())
+                    .map_err(sled_err)?;
             }
         }
         match self.meta.get("terminal_id").map_err(sled_err)? {
@@ -192,9 +228,36 @@ impl Store {
                 b.insert("format", &FORMAT_VERSION.to_be_bytes());
                 self.meta.apply_batch(b).map_err(sled_err)?;
                 self.flush()?;
+                return Ok(true);
             }
         }
-        Ok(())
+        Ok(false)
+    }
+
+    /// The stream recorded in the database and its base position, if any.
+    pub fn stream(&self) -> Result<Option<(id06_protocol::StreamId, u64)>, StoreError> {
+        let sled_err = |e| StoreError::from_sled(&self.dir, e);
+        let id = self.meta.get("stream").map_err(sled_err)?;
+        let base = self.meta.get("stream_base").map_err(sled_err)?;
+        Ok(match (id, base) {
+            (Some(id), Some(base)) => {
+                let bytes: Option<[u8; 16]> = id.as_ref().try_into().ok();
+                bytes
+                    .zip(decode_u64(&base))
+                    .map(|(b, base)| (id06_protocol::StreamId::from_bytes(b), base))
+            }
+            _ => None,
+        })
+    }
+
+    /// Records the stream new taps go to (durable at the next flush).
+    pub fn set_stream(&self, stream: id06_protocol::StreamId, base: u64) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        b.insert("stream", &stream.as_bytes()[..]);
+        b.insert("stream_base", &base.to_be_bytes());
+        self.meta
+            .apply_batch(b)
+            .map_err(|e| StoreError::from_sled(&self.dir, e))
     }
 
     /// Writes everything to disk and waits until it would survive a power cut.

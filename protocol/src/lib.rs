@@ -22,6 +22,7 @@ pub mod blocklist;
 mod card;
 mod event;
 mod status;
+mod stream;
 mod topics;
 mod uid;
 
@@ -30,7 +31,8 @@ pub use blocklist::{
     SNAPSHOT_SCHEMA, UPDATE_SCHEMA,
 };
 pub use card::{CardStatus, Decision, DenyReason, Direction, UnknownStatus};
-pub use event::{Event, EventSchemaV1, UtcMillis, EVENT_SCHEMA};
+pub use event::{Event, EventSchema, UtcMillis, EVENT_SCHEMA};
 pub use status::{GatewayStatus, Hint, ReaderState, ReaderStatus};
+pub use stream::{StreamId, StreamIdError};
 pub use topics::{is_valid_topic_level, Topics, DEFAULT_TOPIC_PREFIX};
 pub use uid::{CardUid, UidError, MAX_UID_LEN};

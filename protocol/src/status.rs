@@ -13,6 +13,10 @@ pub struct GatewayStatus {
     pub version: String,
     /// When this process started (RFC 3339, UTC).
     pub started_at: crate::UtcMillis,
+    /// The stream new taps are recorded in (see [`crate::StreamId`]).
+    pub stream: crate::StreamId,
+    /// The highest `seq` recorded in `stream` (0 before its first tap).
+    pub last_seq: u64,
     /// The blocklist version in use.
     pub blocklist_version: u64,
     /// Seconds since the blocklist was last confirmed; `null` when it never was.

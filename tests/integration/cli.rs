@@ -149,8 +149,9 @@ fn commands_say_plainly_when_the_daemon_holds_the_data_directory() {
 fn a_data_directory_of_another_terminal_is_refused() {
     let dir = scratch();
     let cfg = write(dir.path(), BASE);
-    let (code, _, _) = id06d(&["outbox", "stats", "--config", &cfg]);
-    assert_eq!(code, 0);
+    import_list(&cfg, "04A1B2C3D4E5F6,blocked\n", &[]);
+    let (code, _, err) = id06d(&["outbox", "stats", "--config", &cfg]);
+    assert_eq!(code, 0, "{err}");
     let cfg = write(dir.path(), &BASE.replace("t-1", "t-2"));
     let (code, _, err) = id06d(&["outbox", "stats", "--config", &cfg]);
     assert_eq!(code, 1);
@@ -193,4 +194,33 @@ fn a_root_command_leaves_every_file_to_the_data_directory_owner() {
         seen.iter().any(|p| p.ends_with("db/db")) && seen.len() >= 4,
         "the commands created the database: {seen:?}"
     );
+}
+
+#[test]
+fn read_only_commands_never_create_a_data_directory() {
+    let dir = scratch();
+    let cfg = write(dir.path(), BASE);
+    let data = dir.path().join("data");
+    for args in [
+        vec!["outbox", "stats"],
+        vec!["events", "export", "--since", "2026-01-01"],
+        vec!["blocklist", "stats"],
+        vec!["blocklist", "lookup", "04A1B2C3D4E5F6"],
+    ] {
+        let mut full = args.clone();
+        full.extend_from_slice(&["--config", &cfg]);
+        let (code, out, err) = id06d(&full);
+        assert_eq!(code, 1, "{args:?}: {out}");
+        assert!(
+            err.contains("there is no id06d data directory at") && err.contains("data"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(!data.exists(), "{args:?} created {}", data.display());
+    }
+    // An empty directory is no data directory either, and stays empty.
+    std::fs::create_dir(&data).unwrap();
+    let (code, _, err) = id06d(&["outbox", "stats", "--config", &cfg]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(std::fs::read_dir(&data).unwrap().count(), 0);
 }

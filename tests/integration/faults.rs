@@ -262,12 +262,21 @@ fn a_full_disk_keeps_deciding_and_stores_the_taps_when_space_returns() {
         Duration::from_secs(20),
         || unstored_decisions(&sub) >= 10,
     );
-    let e = sub
-        .events(&format!("{p}/decision"))
-        .into_iter()
-        .find(|e| e.seq == 0)
-        .unwrap();
-    assert_eq!(e.event_id, "gate-test:unstored");
+    // Each unstored decision has an id of its own that no stored event can have.
+    let unstored_ids = |sub: &Subscriber| -> Vec<String> {
+        sub.events(&format!("{p}/decision"))
+            .into_iter()
+            .filter(|e| e.seq == 0)
+            .map(|e| e.event_id)
+            .collect()
+    };
+    let ids = unstored_ids(&sub);
+    assert_eq!(
+        ids.iter().collect::<BTreeSet<_>>().len(),
+        ids.len(),
+        "{ids:?}"
+    );
+    assert!(ids.iter().all(|id| id.contains(":unstored-")), "{ids:?}");
 
     // Space returns: the waiting taps are stored and delivered, with real seqs, in order.
     std::fs::remove_file(&filler).unwrap();
@@ -281,6 +290,21 @@ fn a_full_disk_keeps_deciding_and_stores_the_taps_when_space_returns() {
     );
     let stored_late = daemon.log_text().contains("the waiting taps are stored");
     assert!(stored_late);
+    // The events stored late name the decisions that went out for them, one each.
+    let ids = unstored_ids(&sub);
+    wait_for(
+        "the events of the unstored decisions",
+        Duration::from_secs(20),
+        || {
+            let named: BTreeSet<String> = sub
+                .events(&format!("{p}/event"))
+                .into_iter()
+                .filter(|e| e.decision_id != e.event_id)
+                .map(|e| e.decision_id)
+                .collect();
+            ids.iter().all(|id| named.contains(id))
+        },
+    );
 
     // Full again, and this time the daemon dies before space returns.
     let filler = fill_disk(&disk.path, 2 << 20);

@@ -123,9 +123,11 @@ fn a_scripted_rush_produces_exactly_the_expected_events_in_order() {
     {
         let v: serde_json::Value = serde_json::to_value(e).unwrap();
         let seq = i as u64 + 1;
-        assert_eq!(v["schema"], "id06d/event/v1");
+        assert_eq!(v["schema"], "id06d/event/v2");
         assert_eq!(e.seq, seq);
-        assert_eq!(e.event_id, format!("gate-test:{seq}"));
+        assert_eq!(e.stream, events[0].stream);
+        assert_eq!(e.event_id, format!("SE-TEST:gate-test:{}:{seq}", e.stream));
+        assert_eq!(e.decision_id, e.event_id);
         assert_eq!(e.site_id, "SE-TEST");
         assert_eq!(e.terminal_id, "gate-test");
         assert_eq!(

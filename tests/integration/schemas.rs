@@ -5,7 +5,7 @@
 
 use crate::support::*;
 use id06_protocol::{
-    CardStatus, CardUid, Decision, DenyReason, Direction, Event, EventSchemaV1, SnapshotChunk,
+    CardStatus, CardUid, Decision, DenyReason, Direction, Event, EventSchema, SnapshotChunk,
     Topics, UtcMillis,
 };
 use id06d::config::WhenStale;
@@ -483,6 +483,8 @@ fn the_schemas_are_sound_and_their_examples_and_the_asyncapi_examples_match() {
     assert!(checked >= 10, "{checked} examples");
 }
 
+const STREAM: &str = "0f9c2b7e-5d41-4c8a-9e3b-2a6d1f0c7b95";
+
 /// A full event as the daemon would write it, as JSON.
 fn sample_event(
     status: CardStatus,
@@ -490,10 +492,14 @@ fn sample_event(
     reason: Option<DenyReason>,
     stale: bool,
 ) -> Value {
+    let stream: id06_protocol::StreamId = STREAM.parse().unwrap();
+    let id = Event::event_id_for("SE-0001", "gate-north-1", &stream, 7);
     let e = Event {
-        schema: EventSchemaV1,
-        event_id: Event::event_id_for("gate-north-1", 7),
+        schema: EventSchema,
+        event_id: id.clone(),
+        stream,
         seq: 7,
+        decision_id: id,
         site_id: "SE-0001".into(),
         terminal_id: "gate-north-1".into(),
         reader: "entry".into(),
@@ -582,7 +588,13 @@ fn the_schemas_refuse_broken_payloads() {
         ("a missing field", without(&e, "clock_synced")),
         ("a missing reason", without(&e, "reason")),
         ("an unknown field", patched(&e, json!({"name": "Anna"}))),
-        ("another schema", patched(&e, json!({"schema": "id06d/event/v2"}))),
+        ("another schema", patched(&e, json!({"schema": "id06d/event/v1"}))),
+        ("a v1 event id", patched(&e, json!({"event_id": "gate-north-1:7"}))),
+        ("no stream", without(&e, "stream")),
+        ("a stream that is no UUID", patched(&e, json!({"stream": "gate-north-1"}))),
+        ("an upper-case stream", patched(&e, json!({"stream": "0F9C2B7E-5D41-4C8A-9E3B-2A6D1F0C7B95"}))),
+        ("no decision_id", without(&e, "decision_id")),
+        ("a decision_id that is no id", patched(&e, json!({"decision_id": "door"}))),
         ("a wrong direction", patched(&e, json!({"direction": "sideways"}))),
         ("an unknown reason", patched(&e, json!({"reason": "lost"}))),
         ("an unknown status", patched(&e, json!({"card_status": "stolen"}))),
@@ -592,10 +604,10 @@ fn the_schemas_refuse_broken_payloads() {
         ("no milliseconds", patched(&e, json!({"occurred_at": "2026-11-22T06:58:03Z"}))),
         ("an offset", patched(&e, json!({"occurred_at": "2026-11-22T07:58:03.120+01:00"}))),
         ("an impossible date", patched(&e, json!({"occurred_at": "2026-02-30T06:58:03.120Z"}))),
-        ("seq 0 on P/event", patched(&e, json!({"seq": 0, "event_id": "gate-north-1:0"}))),
+        ("seq 0 on P/event", patched(&e, json!({"seq": 0, "event_id": format!("SE-0001:gate-north-1:{STREAM}:0")}))),
         ("a negative seq", patched(&e, json!({"seq": -7}))),
         ("a seq as a string", patched(&e, json!({"seq": "7"}))),
-        ("an event_id without seq", patched(&e, json!({"event_id": "gate-north-1"}))),
+        ("an event_id without seq", patched(&e, json!({"event_id": format!("SE-0001:gate-north-1:{STREAM}")}))),
         ("a blocked card granted", patched(&e, json!({"decision": "granted", "reason": null}))),
         ("a denial without a reason", patched(&e, json!({"reason": null}))),
         ("the wrong reason", patched(&e, json!({"reason": "suspended"}))),
@@ -607,24 +619,32 @@ fn the_schemas_refuse_broken_payloads() {
         s.assert_invalid("event.schema.json", &v, what);
         s.assert_invalid("decision.schema.json", &v, what);
     }
-    // P/decision: seq 0 only with `:unstored`, and `:unstored` only with seq 0.
-    let unstored = patched(&e, json!({"seq": 0, "event_id": "gate-north-1:unstored"}));
+    // P/decision: seq 0 only with an unstored id, and an unstored id only with seq 0.
+    let un = format!("SE-0001:gate-north-1:{STREAM}:unstored-3f1a9c0b5e7d2468");
+    let unstored = patched(&e, json!({"seq": 0, "event_id": un, "decision_id": un}));
     s.assert_valid("decision.schema.json", &unstored, "an unstored decision");
     s.assert_invalid("event.schema.json", &unstored, "an unstored tap on P/event");
-    let seq_unstored = patched(&e, json!({"event_id": "gate-north-1:unstored"}));
+    let seq_unstored = patched(&e, json!({"event_id": un}));
     s.assert_invalid(
         "decision.schema.json",
         &seq_unstored,
-        "`:unstored` with a seq",
+        "an unstored id with a seq",
     );
+    let short = patched(&e, json!({"seq": 0, "event_id": "gate-north-1:unstored"}));
+    s.assert_invalid("decision.schema.json", &short, "the v1 unstored id");
+    // The event stored after an unstored decision names it.
+    let late = patched(&e, json!({"decision_id": un}));
+    s.assert_valid("event.schema.json", &late, "an event stored late");
 
     let st = json!({"online": true, "version": "0.1.0", "started_at": "2026-11-22T05:00:00.512Z",
-        "blocklist_version": 4, "blocklist_age_s": null, "outbox_depth": 0, "clock_synced": true,
+        "stream": STREAM, "last_seq": 12, "blocklist_version": 4, "blocklist_age_s": null, "outbox_depth": 0, "clock_synced": true,
         "blocklist_stale": true});
     s.assert_valid("status.schema.json", &st, "the sample status");
     #[rustfmt::skip]
     let cases = [
         ("a missing outbox_depth", without(&st, "outbox_depth")),
+        ("a missing stream", without(&st, "stream")),
+        ("a missing last_seq", without(&st, "last_seq")),
         ("an unknown field", patched(&st, json!({"uptime_s": 5}))),
         ("a negative age", patched(&st, json!({"blocklist_age_s": -1}))),
         ("a gap of three versions", patched(&st, json!({"blocklist_gap": [1, 2, 3]}))),
@@ -1053,9 +1073,19 @@ fn payloads_while_the_disk_is_full_match_the_schemas() {
     });
     assert_eq!(daemon.terminate(), Some(0));
     let seen = check_received(&schemas, &config, &all_received(&sub));
-    assert!(seen["decision"]
+    // Every unstored decision has an id of its own, and the event stored later names it.
+    let unstored_ids: Vec<&str> = seen["decision"]
         .iter()
-        .any(|d| d["seq"] == 0 && d["event_id"] == format!("{}:unstored", config.terminal)));
+        .filter(|d| d["seq"] == 0)
+        .filter_map(|d| d["event_id"].as_str())
+        .collect();
+    assert!(unstored_ids.len() >= 3, "{unstored_ids:?}");
+    assert_eq!(
+        unstored_ids.iter().collect::<BTreeSet<_>>().len(),
+        unstored_ids.len(),
+        "unstored decisions never share an id: {unstored_ids:?}"
+    );
+    assert!(unstored_ids.iter().all(|id| id.contains(":unstored-")));
     assert!(seen["status"]
         .iter()
         .any(|s| s.get("storage_error").is_some()));
