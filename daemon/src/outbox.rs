@@ -405,9 +405,15 @@ impl Outbox {
     }
 
     fn wal_err(&self, e: std::io::Error) -> StoreError {
-        StoreError::Io {
-            dir: self.store.dir.clone(),
-            detail: format!("the outbox's write-ahead log {WAL_NAME}: {e}"),
+        let detail = format!("the outbox's write-ahead log {WAL_NAME}: {e}");
+        let dir = self.store.dir.clone();
+        // A full disk passes (the pipeline waits for space); a read-only or failing file
+        // system does not.
+        match e.raw_os_error() {
+            Some(libc::EROFS) | Some(libc::EIO) | Some(libc::EBADF) => {
+                StoreError::Unusable { dir, detail }
+            }
+            _ => StoreError::Io { dir, detail },
         }
     }
 

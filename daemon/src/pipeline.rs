@@ -329,7 +329,14 @@ impl Pipeline {
                             }
                         }
                     })
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| {
+                        if matches!(e, crate::store::StoreError::Unusable { .. }) {
+                            if let Ok(mut u) = self.shared.storage_unusable.lock() {
+                                u.get_or_insert_with(|| e.to_string());
+                            }
+                        }
+                        e.to_string()
+                    })
             }
         };
         let shared = self.shared.clone();

@@ -275,14 +275,20 @@ pub fn plan(f: &Findings) -> Plan {
         match after {
             Some(next) if next > before + 1 => {
                 let (lo, hi) = (before + 1, next - 1);
-                let acked = acked_in(&f.acks, lo, hi);
+                let (acked, count) = (acked_in(&f.acks, lo, hi) as u64, hi - lo + 1);
+                let fate = if acked == count {
+                    "all of them acknowledged by the broker before, so none is lost".to_string()
+                } else {
+                    format!(
+                        "{} of them not yet acknowledged by the broker and lost",
+                        count - acked
+                    )
+                };
                 findings.push((
                     Severity::Error,
                     format!(
-                        "{WAL}: bytes {from}–{to} are damaged; they held {} ({} of {} acknowledged by the broker before); the others are lost; the records after them are kept",
+                        "{WAL}: bytes {from}–{to} are damaged; they held {} ({fate}); the records after them are kept",
                         name(lo, hi),
-                        acked,
-                        hi - lo + 1
                     ),
                 ));
             }
@@ -460,7 +466,7 @@ mod tests {
         assert!(continues(&p), "the positions of the lost record are known");
         assert_eq!(p.highest, 57);
         assert!(says(&p, Severity::Error, "seqs 44–50 of stream"));
-        assert!(says(&p, Severity::Error, "5 of 7 acknowledged"));
+        assert!(says(&p, Severity::Error, "2 of them not yet acknowledged"));
     }
 
     #[test]

@@ -320,11 +320,16 @@ pub async fn run(
             loop {
                 every.tick().await;
                 let (o, d) = (outbox.clone(), dir.clone());
-                let checked = tokio::task::spawn_blocking(move || {
-                    o.check_in_place().and_then(|()| crate::watch::writable(&d))
-                })
-                .await
-                .unwrap_or(Ok(()));
+                // A commit that found the directory unusable, or a look at it now.
+                let failed_commit = shared.storage_unusable.lock().ok().and_then(|u| u.clone());
+                let checked = match failed_commit {
+                    Some(why) => Err(why),
+                    None => tokio::task::spawn_blocking(move || {
+                        o.check_in_place().and_then(|()| crate::watch::writable(&d))
+                    })
+                    .await
+                    .unwrap_or(Ok(())),
+                };
                 if let Err(why) = checked {
                     tracing::error!("THE DATA DIRECTORY IS GONE OR UNUSABLE: {why}; no tap can be stored, stopping so that the service restarts on a sound data directory");
                     if let Ok(mut e) = shared.storage_error.lock() {

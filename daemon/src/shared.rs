@@ -80,6 +80,9 @@ pub struct Shared {
     pub storage_error: Mutex<Option<String>>,
     /// What an earlier run lost to a full disk (reported from start).
     pub storage_loss: Mutex<Option<String>>,
+    /// The data directory cannot be written any more (removed, replaced, read-only, I/O
+    /// errors): the daemon stops (see `watch.rs`).
+    pub storage_unusable: Mutex<Option<String>>,
     /// A blocklist gap `[version in force, from_version of the update that did not fit]`.
     pub blocklist_gap: Mutex<Option<[u64; 2]>>,
     /// The retained status should be published again soon.
@@ -158,6 +161,7 @@ impl Shared {
             wake: Notify::new(),
             storage_error: Mutex::new(None),
             storage_loss: Mutex::new(None),
+            storage_unusable: Mutex::new(None),
             blocklist_gap: Mutex::new(None),
             status_dirty: std::sync::atomic::AtomicBool::new(false),
             heartbeat: Heartbeat::default(),

@@ -56,6 +56,16 @@ pub enum StoreError {
         /// What sled said.
         detail: String,
     },
+    /// The data directory cannot be written any more: it was removed or replaced, or its
+    /// file system went read-only or fails with I/O errors. Restarting on a sound directory
+    /// is the only way on.
+    #[error("the data directory {dir} cannot be used any more: {detail}")]
+    Unusable {
+        /// The directory.
+        dir: PathBuf,
+        /// What happened.
+        detail: String,
+    },
     /// The file system refused (permissions, full disk, read-only).
     #[error("cannot use the data directory {dir}: {detail}")]
     Io {

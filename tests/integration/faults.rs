@@ -7,59 +7,7 @@
 
 use crate::support::*;
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// Three readers, each presenting a new card every `step_ms` for `secs` seconds.
-fn stream_config(dir: &Path, url: &str, secs: u64, step_ms: u64, extra: &str) -> TestConfig {
-    let mut readers = String::new();
-    for r in 0..3u64 {
-        let mut script = String::new();
-        let n = secs * 1000 / step_ms;
-        for i in 0..n {
-            let t = i * step_ms + r * step_ms / 3;
-            script.push_str(&format!(
-                "at {t} present {}\n",
-                card((r as u32 + 1) * 1_000_000 + i as u32)
-            ));
-        }
-        script.push_str(&format!(
-            "at {} absent\nat {} end\n",
-            n * step_ms + 100,
-            n * step_ms + 200
-        ));
-        write_script(dir, &format!("r{r}.txt"), &script);
-        readers.push_str(&format!(
-            "[[reader]]\nname = \"r{r}\"\nkind = \"simulated\"\nscript = \"r{r}.txt\"\npoll_ms = 10\ndirection = \"{}\"\n\n",
-            ["in", "out", "toggle"][r as usize]
-        ));
-    }
-    TestConfig::write(dir, url, &format!("{readers}{extra}"))
-}
-
-/// Waits until the subscriber has every seq from 1 to `last`, then checks order and
-/// redeliveries; returns the number of redeliveries.
-fn assert_all_delivered(sub: &Subscriber, p: &str, last: u64) -> usize {
-    wait_for(
-        &format!("every seq 1..={last} on P/event"),
-        Duration::from_secs(60),
-        || {
-            sub.events(&format!("{p}/event"))
-                .iter()
-                .map(|e| e.seq)
-                .collect::<BTreeSet<_>>()
-                .len() as u64
-                >= last
-        },
-    );
-    let (first, redeliveries) = check_delivery(&sub.events(&format!("{p}/event")));
-    assert_eq!(
-        first.len() as u64,
-        last,
-        "seq 1..={last}, nothing missing, nothing extra"
-    );
-    redeliveries
-}
 
 #[test]
 fn chaos_kill_9_and_broker_restarts_lose_no_tap() {

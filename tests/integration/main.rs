@@ -4,6 +4,7 @@
 mod blocklist;
 mod cli;
 mod faults;
+mod identity;
 mod ops;
 mod pcsc;
 mod pipeline;

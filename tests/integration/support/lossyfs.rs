@@ -48,6 +48,9 @@ struct State {
     shadows: HashMap<u64, Shadow>,
     /// Syncs that reached the backing directory, for the test's report.
     syncs: u64,
+    /// Every change is refused with EROFS, as by a file system that went read-only after
+    /// I/O errors (a plain `mount -o remount,ro` is refused while files are open for writing).
+    read_only: bool,
 }
 
 /// The shared state of a mounted [`LossyFs`].
@@ -64,6 +67,15 @@ impl LossyHandle {
     /// Syncs seen so far.
     pub fn syncs(&self) -> u64 {
         self.lock().syncs
+    }
+
+    /// Turns the file system read-only (every change fails with EROFS), or writable again.
+    pub fn set_read_only(&self, on: bool) {
+        self.lock().read_only = on;
+    }
+
+    fn refuses(&self) -> bool {
+        self.lock().read_only
     }
 }
 
@@ -335,6 +347,9 @@ impl Filesystem for LossyFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        if self.handle.refuses() {
+            return reply.error(Errno::from_i32(libc::EROFS));
+        }
         let mut s = self.handle.lock();
         let result = (|| {
             let rel = self.path_of(&s, ino)?;
@@ -376,6 +391,9 @@ impl Filesystem for LossyFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        if self.handle.refuses() {
+            return reply.error(Errno::from_i32(libc::EROFS));
+        }
         let result = self.make(parent, name, |path| {
             let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
                 .map_err(|_| Errno::EINVAL)?;
@@ -398,6 +416,9 @@ impl Filesystem for LossyFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        if self.handle.refuses() {
+            return reply.error(Errno::from_i32(libc::EROFS));
+        }
         let result = self.make(parent, name, |path| {
             std::fs::create_dir(path).map_err(|e| errno(&e))?;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & !umask))
@@ -407,6 +428,9 @@ impl Filesystem for LossyFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if self.handle.refuses() {
+            return reply.error(Errno::from_i32(libc::EROFS));
+        }
         answer_empty(
             reply,
             self.remove(parent, name, |p| std::fs::remove_file(p)),
@@ -414,6 +438,9 @@ impl Filesystem for LossyFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if self.handle.refuses() {
+            return reply.error(Errno::from_i32(libc::EROFS));
+        }
         answer_empty(reply, self.remove(parent, name, |p| std::fs::remove_dir(p)));
     }
 
@@ -427,6 +454,9 @@ impl Filesystem for LossyFs {
         _flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        if self.handle.refuses() {
+            return reply.error(Errno::from_i32(libc::EROFS));
+        }
         let mut s = self.handle.lock();
         let result = (|| {
             let from = self.path_of(&s, parent)?.join(name);
@@ -496,6 +526,9 @@ impl Filesystem for LossyFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if self.handle.refuses() {
+            return reply.error(Errno::from_i32(libc::EROFS));
+        }
         let mut s = self.handle.lock();
         let result = (|| {
             let rel = self.path_of(&s, ino)?;
@@ -539,6 +572,9 @@ impl Filesystem for LossyFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if self.handle.refuses() {
+            return reply.error(Errno::from_i32(libc::EROFS));
+        }
         let mut s = self.handle.lock();
         let result = self
             .path_of(&s, ino)
@@ -636,6 +672,9 @@ impl Filesystem for LossyFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        if self.handle.refuses() {
+            return reply.error(Errno::from_i32(libc::EROFS));
+        }
         let result = self.make(parent, name, |path| {
             std::fs::OpenOptions::new()
                 .write(true)

@@ -8,6 +8,7 @@ pub mod lossyfs;
 pub use id06d::broker::LocalBroker;
 pub use lossyfs::LossyMount;
 use rumqttc::{Client, Event as MqttEvent, MqttOptions, Packet, QoS};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -150,6 +151,14 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Its exit code once it has exited on its own (`None` while it runs, or for a signal).
+    pub fn exit_code(&mut self) -> Option<i32> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+            .and_then(|s| s.code())
     }
 
     /// Whether it still runs.
@@ -467,4 +476,55 @@ pub fn export_events(config: &str, format: &str) -> String {
     ]);
     assert_eq!(code, 0, "events export --format {format}: {err}");
     out
+}
+
+/// Three readers, each presenting a new card every `step_ms` for `secs` seconds.
+pub fn stream_config(dir: &Path, url: &str, secs: u64, step_ms: u64, extra: &str) -> TestConfig {
+    let mut readers = String::new();
+    for r in 0..3u64 {
+        let mut script = String::new();
+        let n = secs * 1000 / step_ms;
+        for i in 0..n {
+            let t = i * step_ms + r * step_ms / 3;
+            script.push_str(&format!(
+                "at {t} present {}\n",
+                card((r as u32 + 1) * 1_000_000 + i as u32)
+            ));
+        }
+        script.push_str(&format!(
+            "at {} absent\nat {} end\n",
+            n * step_ms + 100,
+            n * step_ms + 200
+        ));
+        write_script(dir, &format!("r{r}.txt"), &script);
+        readers.push_str(&format!(
+            "[[reader]]\nname = \"r{r}\"\nkind = \"simulated\"\nscript = \"r{r}.txt\"\npoll_ms = 10\ndirection = \"{}\"\n\n",
+            ["in", "out", "toggle"][r as usize]
+        ));
+    }
+    TestConfig::write(dir, url, &format!("{readers}{extra}"))
+}
+
+/// Waits until the subscriber has every seq from 1 to `last`, then checks order and
+/// redeliveries; returns the number of redeliveries.
+pub fn assert_all_delivered(sub: &Subscriber, p: &str, last: u64) -> usize {
+    wait_for(
+        &format!("every seq 1..={last} on P/event"),
+        Duration::from_secs(60),
+        || {
+            sub.events(&format!("{p}/event"))
+                .iter()
+                .map(|e| e.seq)
+                .collect::<BTreeSet<_>>()
+                .len() as u64
+                >= last
+        },
+    );
+    let (first, redeliveries) = check_delivery(&sub.events(&format!("{p}/event")));
+    assert_eq!(
+        first.len() as u64,
+        last,
+        "seq 1..={last}, nothing missing, nothing extra"
+    );
+    redeliveries
 }
