@@ -1,4 +1,4 @@
-//! Whether the system clock is known to be synchronised (SPEC §7 `clock_synced`).
+//! Whether the system clock is known to be synchronised (contract §7 `clock_synced`).
 
 /// Asks the kernel (adjtimex, read-only) whether NTP has synchronised the clock. A terminal
 /// without a real-time clock boots at some old date and is unsynchronised until NTP runs.

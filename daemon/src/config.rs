@@ -73,7 +73,7 @@ struct RawMetrics {
     listen: Option<Spanned<String>>,
 }
 
-/// The kind of a reader (SPEC §4).
+/// The kind of a reader (contract §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReaderKind {
@@ -110,7 +110,7 @@ impl DirectionMode {
     }
 }
 
-/// `[debounce]` (SPEC §4, §6).
+/// `[debounce]` (contract §4, §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DebounceSettings {

@@ -1,4 +1,4 @@
-//! From raw reader observations to taps (SPEC §6).
+//! From raw reader observations to taps (contract §6).
 //!
 //! Design: a pure state machine, one state per reader, fed with `(time in ms, reader,
 //! observation)`. It never reads a clock and never sleeps, so every rule is a table test.

@@ -1,4 +1,4 @@
-//! The decision for a tap (SPEC §5) and the direction of a `toggle` reader's tap (SPEC §4).
+//! The decision for a tap (contract §5) and the direction of a `toggle` reader's tap (contract §4).
 //! Pure functions: the blocklist lookup and the clock are the caller's.
 
 use crate::config::WhenStale;

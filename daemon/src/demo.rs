@@ -344,9 +344,13 @@ async fn ledger_subscriber(
                             if let std::collections::btree_map::Entry::Vacant(slot) =
                                 l.events.entry(seq)
                             {
+                                // The event_id is site:terminal:stream:seq; the stream is
+                                // shortened here to keep the line readable.
+                                let stream = e.stream.to_string();
                                 say(&format!(
-                                    "ledger   ← {:<14} {:<3} {:<5} {}  {}",
-                                    e.event_id,
+                                    "ledger   ← stream {}… seq {:<3} {:<3} {:<5} {}  {}",
+                                    &stream[..8],
+                                    e.seq,
                                     e.direction.as_str(),
                                     e.reader,
                                     e.card_uid,

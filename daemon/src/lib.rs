@@ -1,7 +1,7 @@
 //! # id06d
 //!
 //! The gateway daemon: reader observations in, debounced taps, local decisions from the
-//! blocklist, a durable outbox, and delivery over MQTT. See `SPEC.md` for the contract.
+//! blocklist, a durable outbox, and delivery over MQTT. See `docs/contract.md` for the contract.
 //!
 //! The pipeline, one owner per stage:
 //!

@@ -1,4 +1,4 @@
-//! The `id06d` command line (SPEC §3). Exit status: 0 success, 2 usage or configuration
+//! The `id06d` command line (contract §3). Exit status: 0 success, 2 usage or configuration
 //! error, 1 runtime failure. Every error is one line on stderr.
 
 use clap::{Parser, Subcommand, ValueEnum};

@@ -1,4 +1,4 @@
-//! The MQTT session (SPEC §7): one task owns the rumqttc event loop.
+//! The MQTT session (contract §7): one task owns the rumqttc event loop.
 //!
 //! Design: every connection gets a fresh rumqttc client and event loop, so nothing that
 //! rumqttc queued in memory is replayed behind our back; the outbox is the only source of

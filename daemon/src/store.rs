@@ -376,6 +376,28 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_directory_is_taken_over_only_without_events() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), "t").unwrap();
+            s.meta.insert("format", &1u64.to_be_bytes()).unwrap();
+            s.flush().unwrap();
+        }
+        let s = Store::open(dir.path(), "t").unwrap();
+        assert_eq!(
+            s.meta.get("format").unwrap().as_deref(),
+            Some(&FORMAT_VERSION.to_be_bytes()[..])
+        );
+        s.meta.insert("format", &1u64.to_be_bytes()).unwrap();
+        s.journal.insert(b"e\0\0\0\0\0\0\0\x01", b"{}").unwrap();
+        s.flush().unwrap();
+        drop(s);
+        let e = Store::open(dir.path(), "t").err().unwrap();
+        assert!(matches!(e, StoreError::TooOld { .. }), "{e}");
+        assert!(e.to_string().contains("id06d 0.1"));
+    }
+
+    #[test]
     fn a_file_where_the_database_should_be_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("db"), b"not a database").unwrap();

@@ -1,4 +1,4 @@
-//! Blocklist updates (`id06d/blocklist-update/v1`, SPEC §7) and snapshots
+//! Blocklist updates (`id06d/blocklist-update/v1`, contract §7) and snapshots
 //! (`id06d/blocklist-snapshot/v1`, defined here), with their canonical signing forms.
 //!
 //! # Updates

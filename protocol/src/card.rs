@@ -118,7 +118,7 @@ pub enum DenyReason {
     /// The card was produced but never activated.
     NotActivated,
     /// The blocklist is older than `max_age_hours` and `when_stale = "deny"`
-    /// (an addition to the reasons SPEC §5 lists, for that configuration only).
+    /// (an addition to the reasons contract §5 lists, for that configuration only).
     BlocklistStale,
 }
 

@@ -1,4 +1,4 @@
-//! MQTT topic names (SPEC §7).
+//! MQTT topic names (contract §7).
 
 /// The topic prefix used when the configuration names none.
 pub const DEFAULT_TOPIC_PREFIX: &str = "id06/v1";

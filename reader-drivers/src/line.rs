@@ -1,7 +1,7 @@
 //! Line readers: serial readers that print each card's UID as a line of hex
 //! (`kind = "line"`).
 //!
-//! A line ends with CR, LF or CRLF; its text is normalised like every UID (SPEC §5:
+//! A line ends with CR, LF or CRLF; its text is normalised like every UID (contract §5:
 //! `04A1B2C3D4E5F6`, `04:a1:b2:c3:d4:e5:f6` and `04 A1 B2 …` are the same card). A line
 //! that is not a UID is garbage: counted, logged at warn level, never a tap. Blank lines
 //! are ignored.

@@ -1,4 +1,4 @@
-//! A simulated reader that plays a timeline (SPEC §4), for the demo, tests and benchmarks.
+//! A simulated reader that plays a timeline (contract §4), for the demo, tests and benchmarks.
 //!
 //! ```text
 //! # comment

@@ -1,4 +1,4 @@
-//! Zero loss under faults (SPEC §8): a continuous stream of taps through the real daemon and
+//! Zero loss under faults (contract §8): a continuous stream of taps through the real daemon and
 //! a real mosquitto while things break for real — `kill -9` of the daemon, broker restarts
 //! and a long outage, refused credentials, a full disk — and bad input that must not hurt.
 //!

@@ -375,7 +375,7 @@ fn asyncapi_parses_and_every_reference_resolves() {
         "every schema file is used by asyncapi.yaml, directly or through another schema"
     );
 
-    // Who sends what, with which QoS and retain flag: SPEC §7.
+    // Who sends what, with which QoS and retain flag: contract §7.
     let channels = channels(&doc);
     let table: BTreeMap<&str, (&str, bool, Option<&str>)> = [
         ("event", ("send", false, Some("event.schema.json"))),
