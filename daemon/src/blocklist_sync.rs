@@ -1,22 +1,29 @@
 //! Keeping the blocklist current from MQTT: updates on `{prefix}/blocklist/update`, the
 //! retained snapshot on `{prefix}/blocklist/snapshot` and `…/snapshot/{n}`.
 //!
-//! Design: the MQTT task forwards raw payloads here and goes on; this task checks them
-//! (shape, signature, version), applies them through [`Blocklist`] on a blocking thread, and
-//! reports what happened in the log, the counters and `P/status` (the gap). Snapshot chunks
-//! are collected by [`SnapshotAssembler`], a pure state machine.
+//! Design: the list session ([`crate::list_session`]) hands each message here and
+//! acknowledges it to the broker only once [`BlocklistSync::handle`] returns, so a message
+//! is either applied, rejected with a log line, or delivered again after a restart; never
+//! dropped after the broker has been told it arrived. Messages are handled one at a time,
+//! in order; a burst waits at the broker, not in memory.
+//!
+//! A snapshot is taken in two steps. A manifest newer than the list in force, correctly
+//! signed when a key is configured, becomes the *pending* snapshot: it is written to
+//! `snapshot.staging/` in the data directory and the session subscribes to the chunk topics.
+//! Each chunk is checked against the manifest's SHA-256 for its index the moment it arrives
+//! and written to the staging folder; anything else is dropped at once (so a bogus chunk of
+//! any size or version holds neither memory nor the real snapshot back). When every chunk is
+//! there, the list is replaced from the files and the staging folder is emptied. Memory
+//! held for an incomplete snapshot is one chunk.
 
 use crate::blocklist::{Blocklist, Rejection};
 use crate::shared::{Counters, Shared};
 use crate::signing::verify;
 use ed25519_dalek::VerifyingKey;
-use id06_protocol::{
-    BlocklistUpdate, CardStatus, CardUid, SnapshotChunk, SnapshotManifest, UpdateError, UtcMillis,
-};
-use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use id06_protocol::{BlocklistUpdate, SnapshotChunk, SnapshotManifest, UtcMillis};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::sync::mpsc;
+use std::time::{Duration, Instant};
 
 /// A payload from the broker.
 #[derive(Debug)]
@@ -29,141 +36,115 @@ pub enum Incoming {
     Chunk(Vec<u8>),
 }
 
-/// The most chunk bytes held while a snapshot is being collected.
-const MAX_BUFFERED: usize = 512 * 1024 * 1024;
+/// The staging folder's name in the data directory.
+pub const STAGING_DIR: &str = "snapshot.staging";
 
-/// Collects a snapshot's chunks until the manifest's set is complete.
-#[derive(Debug, Default)]
-pub struct SnapshotAssembler {
-    manifest: Option<SnapshotManifest>,
-    /// Chunks of the version being collected, by index.
-    chunks: BTreeMap<u32, Vec<u8>>,
-    /// The version `chunks` belong to.
-    chunks_version: Option<u64>,
-    buffered: usize,
+/// The pending snapshot's files: `manifest.json` and `chunk-NNNNN`.
+#[derive(Debug)]
+pub struct Staging {
+    dir: PathBuf,
 }
 
-/// A complete, verified snapshot.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Snapshot {
-    /// Its version.
-    pub version: u64,
-    /// Its cards.
-    pub entries: Vec<(CardUid, CardStatus)>,
-}
-
-impl SnapshotAssembler {
-    /// Takes a manifest. Manifests not newer than `have` are ignored.
-    pub fn manifest(&mut self, m: SnapshotManifest, have: u64) {
-        if m.version <= have {
-            return;
+impl Staging {
+    /// The staging folder in `data_dir` (created when first used).
+    pub fn new(data_dir: &Path) -> Staging {
+        Staging {
+            dir: data_dir.join(STAGING_DIR),
         }
-        if self.chunks_version != Some(m.version) {
-            self.chunks.clear();
-            self.buffered = 0;
-            self.chunks_version = Some(m.version);
-        }
-        self.manifest = Some(m);
     }
 
-    /// Takes a chunk. Chunks of versions not newer than `have`, or older than the one
-    /// being collected, are ignored.
-    pub fn chunk(&mut self, bytes: Vec<u8>, have: u64) -> Result<(), UpdateError> {
-        let (version, index) = SnapshotChunk::peek(&bytes)?;
-        if version <= have {
-            return Ok(());
+    fn chunk_path(&self, index: u32) -> PathBuf {
+        self.dir.join(format!("chunk-{index:05}"))
+    }
+
+    /// The pending manifest, if one is staged (and readable).
+    pub fn manifest(&self) -> Option<SnapshotManifest> {
+        let bytes = std::fs::read(self.dir.join("manifest.json")).ok()?;
+        SnapshotManifest::decode(&bytes).ok()
+    }
+
+    /// Starts collecting `m` (what was staged before is removed).
+    pub fn start(&self, m: &SnapshotManifest) -> std::io::Result<()> {
+        self.clear()?;
+        std::fs::create_dir_all(&self.dir)?;
+        let bytes = serde_json::to_vec(m).map_err(std::io::Error::other)?;
+        std::fs::write(self.dir.join("manifest.json"), bytes)
+    }
+
+    /// Keeps chunk `index` (already checked against the manifest).
+    pub fn put(&self, index: u32, bytes: &[u8]) -> std::io::Result<()> {
+        let tmp = self.dir.join(format!(".chunk-{index:05}.tmp"));
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, self.chunk_path(index))
+    }
+
+    /// Whether chunk `index` is staged.
+    pub fn has(&self, index: u32) -> bool {
+        self.chunk_path(index).exists()
+    }
+
+    /// The indexes still missing for `m`.
+    pub fn missing(&self, m: &SnapshotManifest) -> Vec<u32> {
+        (0..m.chunks).filter(|i| !self.has(*i)).collect()
+    }
+
+    /// Chunk `index` as staged.
+    pub fn read(&self, index: u32) -> std::io::Result<Vec<u8>> {
+        std::fs::read(self.chunk_path(index))
+    }
+
+    /// Removes everything staged.
+    pub fn clear(&self) -> std::io::Result<()> {
+        match std::fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
         }
-        match self.chunks_version {
-            Some(v) if version < v => return Ok(()),
-            Some(v) if version == v => {}
-            _ => {
-                // A newer snapshot is arriving: start over for it.
-                self.chunks.clear();
-                self.buffered = 0;
-                self.chunks_version = Some(version);
-                if self.manifest.as_ref().is_some_and(|m| m.version != version) {
-                    self.manifest = None;
-                }
+    }
+}
+
+/// Log lines about rejected messages, at most [`Quiet::PER_MINUTE`] a minute; the rest are
+/// counted and summed up in one line when the minute is over (a flood of garbage must not
+/// flood the journal).
+#[derive(Debug)]
+struct Quiet {
+    window: Instant,
+    said: u32,
+    held_back: u64,
+}
+
+impl Quiet {
+    const PER_MINUTE: u32 = 20;
+
+    fn new() -> Quiet {
+        Quiet {
+            window: Instant::now(),
+            said: 0,
+            held_back: 0,
+        }
+    }
+
+    fn warn(&mut self, line: &str) {
+        if self.window.elapsed() >= Duration::from_secs(60) {
+            if self.held_back > 0 {
+                tracing::warn!(
+                    "{} more blocklist messages were rejected in the last minute (not logged one by one)",
+                    self.held_back
+                );
             }
+            self.window = Instant::now();
+            self.said = 0;
+            self.held_back = 0;
         }
-        if self.buffered + bytes.len() > MAX_BUFFERED {
-            return Err(UpdateError::TooLarge(self.buffered + bytes.len()));
+        if self.said < Self::PER_MINUTE {
+            self.said += 1;
+            tracing::warn!("{line}");
+        } else {
+            self.held_back += 1;
         }
-        self.buffered += bytes.len();
-        if let Some(old) = self.chunks.insert(index, bytes) {
-            self.buffered -= old.len();
-        }
-        Ok(())
-    }
-
-    /// The snapshot, once the manifest and all its chunks are here and check out. On a
-    /// failed check the collected chunks are dropped (they will be sent again only as a new
-    /// snapshot) and the error says why.
-    pub fn take_complete(
-        &mut self,
-        key: Option<&VerifyingKey>,
-    ) -> Option<Result<Snapshot, String>> {
-        let m = self.manifest.as_ref()?;
-        if self.chunks_version != Some(m.version) || self.chunks.len() < m.chunks as usize {
-            return None;
-        }
-        if (0..m.chunks).any(|i| !self.chunks.contains_key(&i)) {
-            return None;
-        }
-        let m = self.manifest.take()?;
-        let chunks = std::mem::take(&mut self.chunks);
-        self.buffered = 0;
-        self.chunks_version = None;
-        Some(Self::verify(&m, &chunks, key))
-    }
-
-    fn verify(
-        m: &SnapshotManifest,
-        chunks: &BTreeMap<u32, Vec<u8>>,
-        key: Option<&VerifyingKey>,
-    ) -> Result<Snapshot, String> {
-        if let Some(key) = key {
-            verify(key, &m.canonical_bytes(), m.signature.as_deref())?;
-        }
-        let mut hasher = Sha256::new();
-        for i in 0..m.chunks {
-            if let Some(c) = chunks.get(&i) {
-                hasher.update(c);
-            }
-        }
-        let digest: String = hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        if digest != m.sha256.to_ascii_lowercase() {
-            return Err(format!(
-                "its chunks do not match the manifest's sha256 (got {digest})"
-            ));
-        }
-        let mut entries = Vec::with_capacity(m.cards.min(50_000_000) as usize);
-        for i in 0..m.chunks {
-            let Some(bytes) = chunks.get(&i) else {
-                return Err(format!("chunk {i} is missing"));
-            };
-            let c = SnapshotChunk::decode(bytes).map_err(|e| e.to_string())?;
-            entries.extend(c.entries);
-        }
-        if entries.len() as u64 != m.cards {
-            return Err(format!(
-                "the manifest announces {} cards but the chunks hold {}",
-                m.cards,
-                entries.len()
-            ));
-        }
-        Ok(Snapshot {
-            version: m.version,
-            entries,
-        })
     }
 }
 
-/// The task.
+/// Takes blocklist messages one at a time.
 pub struct BlocklistSync {
     /// The list.
     pub blocklist: Blocklist,
@@ -171,47 +152,63 @@ pub struct BlocklistSync {
     pub public_key: Option<VerifyingKey>,
     /// Counters, gap, status wake-up.
     pub shared: Arc<Shared>,
+    staging: Staging,
+    /// The snapshot being collected (its manifest is also in the staging folder, so that a
+    /// restart goes on collecting it).
+    pending: Option<SnapshotManifest>,
+    quiet: Quiet,
+    /// The last snapshot version said to be not newer (said once per version).
+    said_not_newer: Option<u64>,
 }
 
 impl BlocklistSync {
-    /// Runs until the channel closes.
-    pub async fn run(self, mut rx: mpsc::Receiver<Incoming>) {
-        let mut assembler = SnapshotAssembler::default();
-        while let Some(input) = rx.recv().await {
-            let have = self.blocklist.index().version;
-            match input {
-                Incoming::Update(bytes) => self.update(bytes).await,
-                Incoming::Manifest(bytes) => match SnapshotManifest::decode(&bytes) {
-                    Ok(m) => {
-                        if m.version <= have {
-                            tracing::debug!(
-                                version = m.version,
-                                have,
-                                "snapshot not newer than the list in force; ignored"
-                            );
-                        }
-                        assembler.manifest(m, have);
-                    }
-                    Err(e) => self.rejected(format!("blocklist snapshot manifest rejected: {e}")),
-                },
-                Incoming::Chunk(bytes) => {
-                    if let Err(e) = assembler.chunk(bytes, have) {
-                        self.rejected(format!("blocklist snapshot chunk rejected: {e}"));
-                    }
-                }
-            }
-            if let Some(result) = assembler.take_complete(self.public_key.as_ref()) {
-                match result {
-                    Ok(snapshot) => self.snapshot(snapshot).await,
-                    Err(e) => self.rejected(format!("blocklist snapshot rejected: {e}")),
-                }
-            }
+    /// The task's state, with the staging folder in `data_dir`.
+    pub fn new(
+        blocklist: Blocklist,
+        public_key: Option<VerifyingKey>,
+        shared: Arc<Shared>,
+        data_dir: &Path,
+    ) -> BlocklistSync {
+        let staging = Staging::new(data_dir);
+        let pending = staging.manifest();
+        BlocklistSync {
+            blocklist,
+            public_key,
+            shared,
+            staging,
+            pending,
+            quiet: Quiet::new(),
+            said_not_newer: None,
         }
     }
 
-    fn rejected(&self, message: String) {
+    /// Whether a snapshot is pending (the session should receive the chunk topics).
+    pub fn wants_chunks(&mut self) -> bool {
+        match &self.pending {
+            Some(m) if m.version > self.blocklist.index().version => true,
+            Some(_) => {
+                // The list moved past it (updates): it is of no use any more.
+                self.pending = None;
+                let _ = self.staging.clear();
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Handles one message completely (applied, or refused with a log line).
+    pub async fn handle(&mut self, input: Incoming) {
+        match input {
+            Incoming::Update(bytes) => self.update(bytes).await,
+            Incoming::Manifest(bytes) => self.manifest(&bytes),
+            Incoming::Chunk(bytes) => self.chunk(&bytes).await,
+        }
+    }
+
+    fn rejected(&mut self, message: String) {
         Counters::bump(&self.shared.counters.blocklist_rejected);
-        tracing::warn!("{message}; the list in force stays");
+        self.quiet
+            .warn(&format!("{message}; the list in force stays"));
     }
 
     fn set_gap(&self, gap: Option<[u64; 2]>) {
@@ -237,7 +234,7 @@ impl BlocklistSync {
         }
     }
 
-    async fn update(&self, bytes: Vec<u8>) {
+    async fn update(&mut self, bytes: Vec<u8>) {
         let update = match BlocklistUpdate::decode(&bytes) {
             Ok(u) => u,
             Err(e) => return self.rejected(format!("blocklist update rejected: {e}")),
@@ -278,24 +275,152 @@ impl BlocklistSync {
         }
     }
 
-    async fn snapshot(&self, snapshot: Snapshot) {
+    fn manifest(&mut self, bytes: &[u8]) {
+        let m = match SnapshotManifest::decode(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                return self.rejected(format!("blocklist snapshot rejected: its manifest: {e}"))
+            }
+        };
+        let have = self.blocklist.index().version;
+        if m.version <= have {
+            if self.said_not_newer != Some(m.version) {
+                self.said_not_newer = Some(m.version);
+                tracing::info!(
+                    version = m.version,
+                    have,
+                    "blocklist snapshot not newer than the list in force; ignored"
+                );
+            }
+            return;
+        }
+        if let Some(key) = &self.public_key {
+            if let Err(e) = verify(key, &m.canonical_bytes(), m.signature.as_deref()) {
+                return self.rejected(format!(
+                    "blocklist snapshot rejected: the manifest of version {}: {e}",
+                    m.version
+                ));
+            }
+        }
+        if let Some(pending) = &self.pending {
+            if *pending == m {
+                return; // the same one again (a reconnect)
+            }
+            if pending.version > m.version {
+                tracing::info!(
+                    version = m.version,
+                    pending = pending.version,
+                    "blocklist snapshot older than the one being collected; ignored"
+                );
+                return;
+            }
+        }
+        if let Err(e) = self.staging.start(&m) {
+            return self.rejected(format!(
+                "blocklist snapshot {} cannot be collected: {e}",
+                m.version
+            ));
+        }
+        self.pending = Some(m.clone());
+        tracing::info!(
+            version = m.version,
+            cards = m.cards,
+            chunks = m.chunks,
+            "collecting blocklist snapshot"
+        );
+    }
+
+    async fn chunk(&mut self, bytes: &[u8]) {
+        let Some(m) = self.pending.clone() else {
+            // Not collecting (the session unsubscribes; these are stragglers).
+            tracing::debug!(
+                bytes = bytes.len(),
+                "blocklist snapshot chunk while no snapshot is pending; ignored"
+            );
+            return;
+        };
+        let (version, index) = match SnapshotChunk::peek(bytes) {
+            Ok(vi) => vi,
+            Err(e) => {
+                return self.rejected(format!("blocklist snapshot chunk rejected: {e}"));
+            }
+        };
+        let hash = crate::publish::sha256_hex(bytes);
+        if version != m.version || !m.names_chunk(index, &hash) {
+            return self.rejected(format!(
+                "blocklist snapshot chunk (version {version}, index {index}, {} bytes) rejected: it is not a chunk of the snapshot being collected (version {}, {} chunks; its hash does not match)",
+                bytes.len(),
+                m.version,
+                m.chunks
+            ));
+        }
+        if self.staging.has(index) {
+            return;
+        }
+        if let Err(e) = self.staging.put(index, bytes) {
+            return self.rejected(format!(
+                "blocklist snapshot {} chunk {index} cannot be kept: {e}",
+                m.version
+            ));
+        }
+        if self.staging.missing(&m).is_empty() {
+            self.apply_staged(m).await;
+        }
+    }
+
+    async fn apply_staged(&mut self, m: SnapshotManifest) {
         let bl = self.blocklist.clone();
-        let version = snapshot.version;
-        let cards = snapshot.entries.len();
-        let result = tokio::task::spawn_blocking(move || {
-            bl.apply_snapshot(snapshot.version, &snapshot.entries, UtcMillis::now())
+        let staging = Staging {
+            dir: self.staging.dir.clone(),
+        };
+        let version = m.version;
+        let result = tokio::task::spawn_blocking(move || -> Result<(bool, usize), String> {
+            let mut entries = Vec::with_capacity(m.cards.min(50_000_000) as usize);
+            for i in 0..m.chunks {
+                let bytes = staging
+                    .read(i)
+                    .map_err(|e| format!("staged chunk {i} cannot be read: {e}"))?;
+                if !m.names_chunk(i, &crate::publish::sha256_hex(&bytes)) {
+                    return Err(format!("staged chunk {i} changed on disk"));
+                }
+                let c = SnapshotChunk::decode(&bytes).map_err(|e| e.to_string())?;
+                if c.version != m.version || c.index != i {
+                    return Err(format!(
+                        "chunk {i} says it is chunk {} of version {}",
+                        c.index, c.version
+                    ));
+                }
+                entries.extend(c.entries);
+            }
+            if entries.len() as u64 != m.cards {
+                return Err(format!(
+                    "the manifest announces {} cards but the chunks hold {}",
+                    m.cards,
+                    entries.len()
+                ));
+            }
+            let cards = entries.len();
+            let applied = bl
+                .apply_snapshot(m.version, &entries, UtcMillis::now())
+                .map_err(|e| format!("it could not be stored: {e}"))?;
+            Ok((applied, cards))
         })
         .await;
+        self.pending = None;
+        let _ = self.staging.clear();
         match result {
-            Ok(Ok(true)) => {
+            Ok(Ok((true, cards))) => {
                 Counters::bump(&self.shared.counters.blocklist_applied);
                 tracing::info!(version, cards, "blocklist snapshot applied");
                 self.maybe_close_gap(version);
             }
-            Ok(Ok(false)) => tracing::debug!(version, "snapshot not newer than the list in force"),
-            Ok(Err(e)) => self.rejected(format!(
-                "blocklist snapshot {version} could not be stored: {e}"
-            )),
+            Ok(Ok((false, _))) => {
+                tracing::info!(
+                    version,
+                    "blocklist snapshot not newer than the list in force"
+                )
+            }
+            Ok(Err(e)) => self.rejected(format!("blocklist snapshot {version} rejected: {e}")),
             Err(e) => self.rejected(format!("blocklist snapshot {version} failed: {e}")),
         }
     }
@@ -305,107 +430,145 @@ impl BlocklistSync {
 mod tests {
     use super::*;
     use crate::signing::{generate_key, sign};
+    use id06_protocol::{CardStatus, CardUid};
 
     fn uid(n: u32) -> CardUid {
         CardUid::from_bytes(&[4, 0xA1, 0, 0, (n >> 16) as u8, (n >> 8) as u8, n as u8]).unwrap()
     }
 
     /// Chunks and a manifest for `n` cards, as the producer makes them.
-    fn produce(version: u64, n: u32, per_chunk: usize) -> (SnapshotManifest, Vec<Vec<u8>>) {
+    fn produce(version: u64, n: u32) -> (SnapshotManifest, Vec<Vec<u8>>) {
         let entries: Vec<_> = (0..n).map(|i| (uid(i), CardStatus::Blocked)).collect();
-        let chunks: Vec<Vec<u8>> = entries
-            .chunks(per_chunk)
-            .enumerate()
-            .map(|(i, c)| SnapshotChunk::encode(version, i as u32, c))
-            .collect();
-        let mut h = Sha256::new();
-        for c in &chunks {
-            h.update(c);
-        }
-        let m = SnapshotManifest {
-            schema: id06_protocol::SNAPSHOT_SCHEMA.into(),
-            version,
-            cards: n as u64,
-            chunks: chunks.len() as u32,
-            sha256: h.finalize().iter().map(|b| format!("{b:02x}")).collect(),
-            signature: None,
-        };
-        (m, chunks)
+        let (m, messages) = crate::publish::snapshot_messages("t", version, &entries);
+        (m, messages.into_iter().map(|m| m.payload).collect())
     }
 
-    #[test]
-    fn assembles_in_any_order_and_only_when_complete() {
-        let (m, chunks) = produce(7, 25, 10);
-        let mut a = SnapshotAssembler::default();
-        a.chunk(chunks[2].clone(), 0).unwrap();
-        assert!(a.take_complete(None).is_none(), "no manifest yet");
-        a.manifest(m, 0);
-        a.chunk(chunks[0].clone(), 0).unwrap();
-        assert!(a.take_complete(None).is_none(), "chunk 1 missing");
-        a.chunk(chunks[1].clone(), 0).unwrap();
-        let s = a.take_complete(None).unwrap().unwrap();
-        assert_eq!((s.version, s.entries.len()), (7, 25));
+    struct Rig {
+        _dir: tempfile::TempDir,
+        sync: BlocklistSync,
     }
 
-    #[test]
-    fn a_damaged_chunk_or_a_wrong_count_is_refused() {
-        let (m, mut chunks) = produce(7, 5, 10);
-        let last = chunks[0].len() - 1;
-        chunks[0][last] = CardStatus::Suspended.code();
-        let mut a = SnapshotAssembler::default();
-        a.manifest(m.clone(), 0);
-        a.chunk(chunks[0].clone(), 0).unwrap();
-        assert!(a
-            .take_complete(None)
+    fn rig(key: Option<VerifyingKey>) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path(), "t").unwrap();
+        let bl = Blocklist::open(&store.db, &store.dir).unwrap();
+        let shared = Arc::new(Shared::new(&[]));
+        let sync = BlocklistSync::new(bl, key, shared, dir.path());
+        Rig { _dir: dir, sync }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
             .unwrap()
-            .unwrap_err()
-            .contains("sha256"));
-        let (mut m2, chunks2) = produce(8, 5, 10);
-        m2.cards = 6;
-        a.manifest(m2, 0);
-        a.chunk(chunks2[0].clone(), 0).unwrap();
-        assert!(a
-            .take_complete(None)
-            .unwrap()
-            .unwrap_err()
-            .contains("announces 6"));
     }
 
     #[test]
-    fn old_snapshots_and_stale_chunks_are_ignored() {
-        let (m, chunks) = produce(3, 5, 10);
-        let mut a = SnapshotAssembler::default();
-        a.manifest(m, 3);
-        a.chunk(chunks[0].clone(), 3).unwrap();
-        assert!(
-            a.take_complete(None).is_none(),
-            "version 3 is not newer than 3"
+    fn a_snapshot_is_collected_on_disk_in_any_order_and_applied_when_complete() {
+        let mut r = rig(None);
+        let (m, chunks) = produce(7, 120_000);
+        assert_eq!(chunks.len(), 3);
+        runtime().block_on(async {
+            assert!(!r.sync.wants_chunks());
+            r.sync
+                .handle(Incoming::Manifest(serde_json::to_vec(&m).unwrap()))
+                .await;
+            assert!(r.sync.wants_chunks());
+            r.sync.handle(Incoming::Chunk(chunks[2].clone())).await;
+            r.sync.handle(Incoming::Chunk(chunks[0].clone())).await;
+            assert_eq!(r.sync.blocklist.index().version, 0, "chunk 1 is missing");
+            r.sync.handle(Incoming::Chunk(chunks[1].clone())).await;
+        });
+        let index = r.sync.blocklist.index();
+        assert_eq!((index.version, index.len()), (7, 120_000));
+        assert!(!r.sync.wants_chunks(), "nothing pending any more");
+    }
+
+    #[test]
+    fn bogus_chunks_of_any_version_are_dropped_and_never_block_the_real_snapshot() {
+        let mut r = rig(None);
+        let (m, chunks) = produce(9, 10);
+        let mut bogus = SnapshotChunk::encode(u64::MAX, 999, &[]);
+        bogus.truncate(20);
+        let mut wrong = chunks[0].clone();
+        let last = wrong.len() - 1;
+        wrong[last] = CardStatus::Suspended.code();
+        runtime().block_on(async {
+            r.sync.handle(Incoming::Chunk(bogus.clone())).await; // before any manifest
+            r.sync
+                .handle(Incoming::Manifest(serde_json::to_vec(&m).unwrap()))
+                .await;
+            r.sync.handle(Incoming::Chunk(bogus)).await;
+            r.sync.handle(Incoming::Chunk(wrong)).await;
+            r.sync.handle(Incoming::Chunk(vec![0xAB; 1 << 20])).await;
+            assert_eq!(r.sync.blocklist.index().version, 0);
+            r.sync.handle(Incoming::Chunk(chunks[0].clone())).await;
+        });
+        assert_eq!(r.sync.blocklist.index().version, 9);
+        assert_eq!(
+            Counters::get(&r.sync.shared.counters.blocklist_rejected),
+            3,
+            "each bogus chunk counted once"
         );
-        // Chunks of an older snapshot left retained do not disturb a newer one.
-        let (m5, chunks5) = produce(5, 5, 10);
-        let (_, chunks4) = produce(4, 5, 10);
-        a.manifest(m5, 0);
-        a.chunk(chunks4[0].clone(), 0).unwrap();
-        assert!(a.take_complete(None).is_none());
-        a.chunk(chunks5[0].clone(), 0).unwrap();
-        assert_eq!(a.take_complete(None).unwrap().unwrap().version, 5);
     }
 
     #[test]
     fn a_signed_snapshot_needs_the_right_signature() {
         let key = generate_key().unwrap();
-        let (mut m, chunks) = produce(9, 5, 10);
-        let mut a = SnapshotAssembler::default();
-        a.manifest(m.clone(), 0);
-        a.chunk(chunks[0].clone(), 0).unwrap();
-        let err = a
-            .take_complete(Some(&key.verifying_key()))
-            .unwrap()
-            .unwrap_err();
-        assert!(err.contains("no signature"), "{err}");
-        m.signature = Some(sign(&key, &m.canonical_bytes()));
-        a.manifest(m, 0);
-        a.chunk(chunks[0].clone(), 0).unwrap();
-        assert!(a.take_complete(Some(&key.verifying_key())).unwrap().is_ok());
+        let mut r = rig(Some(key.verifying_key()));
+        let (mut m, chunks) = produce(9, 5);
+        runtime().block_on(async {
+            r.sync
+                .handle(Incoming::Manifest(serde_json::to_vec(&m).unwrap()))
+                .await;
+            assert!(!r.sync.wants_chunks(), "an unsigned manifest is rejected");
+            m.signature = Some(sign(&key, &m.canonical_bytes()));
+            r.sync
+                .handle(Incoming::Manifest(serde_json::to_vec(&m).unwrap()))
+                .await;
+            assert!(r.sync.wants_chunks());
+            r.sync.handle(Incoming::Chunk(chunks[0].clone())).await;
+        });
+        assert_eq!(r.sync.blocklist.index().version, 9);
+    }
+
+    #[test]
+    fn old_snapshots_are_ignored_and_a_newer_one_replaces_the_pending_one() {
+        let mut r = rig(None);
+        let (m3, c3) = produce(3, 5);
+        let (m5, c5) = produce(5, 6);
+        runtime().block_on(async {
+            r.sync
+                .handle(Incoming::Manifest(serde_json::to_vec(&m3).unwrap()))
+                .await;
+            r.sync
+                .handle(Incoming::Manifest(serde_json::to_vec(&m5).unwrap()))
+                .await;
+            r.sync.handle(Incoming::Chunk(c3[0].clone())).await;
+            assert_eq!(r.sync.blocklist.index().version, 0);
+            r.sync.handle(Incoming::Chunk(c5[0].clone())).await;
+            assert_eq!(r.sync.blocklist.index().version, 5);
+            // Version 3 is behind now: its manifest is ignored, nothing is pending.
+            r.sync
+                .handle(Incoming::Manifest(serde_json::to_vec(&m3).unwrap()))
+                .await;
+            assert!(!r.sync.wants_chunks());
+        });
+    }
+
+    #[test]
+    fn a_manifest_announcing_more_cards_than_its_chunks_hold_is_rejected_at_the_end() {
+        let mut r = rig(None);
+        let (mut m, chunks) = produce(4, 5);
+        m.cards = 6;
+        runtime().block_on(async {
+            r.sync
+                .handle(Incoming::Manifest(serde_json::to_vec(&m).unwrap()))
+                .await;
+            r.sync.handle(Incoming::Chunk(chunks[0].clone())).await;
+        });
+        assert_eq!(r.sync.blocklist.index().version, 0);
+        assert!(!r.sync.wants_chunks(), "a rejected snapshot is dropped");
     }
 }

@@ -423,6 +423,14 @@ impl Config {
                         format!("[mqtt] topic_prefix {:?} must be non-empty topic levels without wildcards", p.get_ref()),
                     ));
                 }
+                if v.starts_with('$') {
+                    // Brokers keep topics that start with `$` for themselves ($SYS, $share):
+                    // they acknowledge what is published there and deliver it to nobody.
+                    return Err(loc.at(
+                        p.span(),
+                        format!("[mqtt] topic_prefix {:?} must not start with '$' (brokers reserve those topics; nobody would receive the events)", p.get_ref()),
+                    ));
+                }
                 v
             }
             None => DEFAULT_TOPIC_PREFIX.to_string(),
@@ -867,6 +875,17 @@ direction = "out"
             ("[mqtt]", "[debounce]\nflap_limit = 1\n[mqtt]", "flap_limit"),
             ("direction = \"in\"", "direction = \"sideways\"", "sideways"),
             ("kind      = \"pcsc\"", "kind      = \"nfc\"", "nfc"),
+            (
+                "url = \"mqtt://127.0.0.1:1883\"",
+                "url = \"mqtt://127.0.0.1:1883\"\ntopic_prefix = \"$SYS/id06\"",
+                "must not start with '$'",
+            ),
+            (
+                "url = \"mqtt://127.0.0.1:1883\"",
+                "url = \"mqtt://127.0.0.1:1883\"\ntopic_prefix = \"id06/+/v1\"",
+                "without wildcards",
+            ),
+            ("site_id     = \"SE-0001\"", "site_id = \"SE#1\"", "site_id"),
         ] {
             let e = load(&GOOD.replace(from, to)).unwrap_err().0;
             assert!(e.contains(needle), "{e}");

@@ -1,4 +1,9 @@
-//! The MQTT session (contract §7): one task owns the rumqttc event loop.
+//! The publishing MQTT session (contract §7): one task owns the rumqttc event loop.
+//!
+//! It publishes events, decisions, the status and the reader states, and subscribes to
+//! nothing: the lists come in on a session of their own ([`crate::list_session`]), so that
+//! nothing anyone publishes can stop delivery. It connects with a clean session (nothing
+//! is queued for it; what must be delivered is in the outbox).
 //!
 //! Design: every connection gets a fresh rumqttc client and event loop, so nothing that
 //! rumqttc queued in memory is replayed behind our back; the outbox is the only source of
@@ -72,8 +77,6 @@ pub struct MqttTask {
     pub shutdown: CancellationToken,
     /// How long to keep delivering after shutdown.
     pub drain_timeout: Duration,
-    /// Where blocklist updates and snapshots go.
-    pub blocklist_inbox: mpsc::Sender<crate::blocklist_sync::Incoming>,
     /// Set once `decisions` has closed (the pipeline stopped).
     pub decisions_closed: bool,
 }
@@ -109,10 +112,13 @@ impl MqttTask {
     fn options(&self) -> MqttOptions {
         let s = &self.settings;
         let mut o = MqttOptions::new(s.client_id.clone(), s.host.clone(), s.port);
-        o.set_clean_session(false);
+        // Nothing is subscribed: a clean session also drops whatever an older id06d's
+        // subscriptions left queued under this client id.
+        o.set_clean_session(true);
         o.set_keep_alive(Duration::from_secs(15));
         o.set_inflight(INFLIGHT);
-        o.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
+        // Incoming: only acknowledgements and the like. Outgoing: events of a few hundred bytes.
+        o.set_max_packet_size(64 * 1024, 1024 * 1024);
         if let Some(tls) = &self.tls {
             o.set_transport(rumqttc::Transport::tls_with_config(
                 rumqttc::TlsConfiguration::Rustls(tls.clone()),
@@ -268,9 +274,6 @@ impl MqttTask {
                             };
                             self.shared.status_dirty.store(false, std::sync::atomic::Ordering::Release);
                             self.publish_other(client, &mut window, self.topics.status(), self.status_payload(), true);
-                            for topic in [self.topics.blocklist_update(), self.topics.blocklist_snapshot(), format!("{}/+", self.topics.blocklist_snapshot())] {
-                                let _ = client.try_subscribe(topic, QoS::AtLeastOnce);
-                            }
                             for (name, status) in self.shared.take_reader_updates(true) {
                                 let payload = serde_json::to_vec(&status).unwrap_or_default();
                                 self.publish_other(client, &mut window, self.topics.reader(&name), payload, true);
@@ -291,7 +294,10 @@ impl MqttTask {
                                 None => tracing::debug!(pkid, "a publish went out that we did not tag"),
                             }
                         }
-                        Ok(MqttEvent::Incoming(Packet::Publish(p))) => self.route(&p.topic, p.payload.to_vec()),
+                        Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                            // Nothing is subscribed; a broker that sends anyway is ignored.
+                            tracing::debug!(topic = %p.topic, "a message on the publishing session; ignored");
+                        }
                         Ok(MqttEvent::Incoming(Packet::PubAck(ack))) => {
                             if let Some(pos) = window.by_pkid.remove(&ack.pkid) {
                                 window.in_flight = window.in_flight.saturating_sub(1);
@@ -359,32 +365,6 @@ impl MqttTask {
                 _ = self.shutdown.cancelled(), if drain_deadline.is_none() => {}
                 _ = tokio::time::sleep_until(deadline_sleep), if drain_deadline.is_some() => {}
             }
-        }
-    }
-
-    /// Hands a blocklist payload to the blocklist task; never waits.
-    fn route(&self, topic: &str, payload: Vec<u8>) {
-        use crate::blocklist_sync::Incoming;
-        let snapshot = self.topics.blocklist_snapshot();
-        let input = if topic == self.topics.blocklist_update() {
-            Incoming::Update(payload)
-        } else if topic == snapshot {
-            Incoming::Manifest(payload)
-        } else if topic
-            .strip_prefix(&snapshot)
-            .is_some_and(|rest| rest.starts_with('/'))
-        {
-            if payload.is_empty() {
-                return; // a cleared retained chunk
-            }
-            Incoming::Chunk(payload)
-        } else {
-            tracing::debug!(topic, "message on a topic we did not subscribe to; ignored");
-            return;
-        };
-        if self.blocklist_inbox.try_send(input).is_err() {
-            Counters::bump(&self.shared.counters.blocklist_rejected);
-            tracing::warn!(topic, "the blocklist task is busy; a blocklist message was dropped (a later snapshot or update will catch up)");
         }
     }
 

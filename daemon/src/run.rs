@@ -156,13 +156,22 @@ pub async fn run(
         Some(k) => Some(crate::signing::parse_public_key(k).map_err(RunError::Setup)?),
         None => None,
     };
-    let (blocklist_tx, blocklist_rx) = mpsc::channel(1024);
-    let sync = crate::blocklist_sync::BlocklistSync {
-        blocklist: blocklist.clone(),
+    let sync = crate::blocklist_sync::BlocklistSync::new(
+        blocklist.clone(),
         public_key,
-        shared: shared.clone(),
+        shared.clone(),
+        &config.data_dir,
+    );
+    let lists_stop = CancellationToken::new();
+    let list_session = crate::list_session::ListSession {
+        settings: config.mqtt.clone(),
+        password: password.clone(),
+        tls: tls.clone(),
+        topics: topics.clone(),
+        sync,
+        shutdown: lists_stop.clone(),
     };
-    let sync_task = tokio::spawn(sync.run(blocklist_rx));
+    let sync_task = tokio::spawn(list_session.run());
 
     // MQTT.
     let (decisions_tx, decisions_rx) = mpsc::channel(256);
@@ -181,7 +190,6 @@ pub async fn run(
         shutdown: mqtt_stop.clone(),
         drain_timeout: options.drain_timeout,
         decisions_closed: false,
-        blocklist_inbox: blocklist_tx,
     };
 
     // Delivered events are kept `keep_days` for `events export`, then pruned (hourly).
@@ -385,7 +393,8 @@ pub async fn run(
             "the tap pipeline thread panicked".into(),
         ));
     }
-    sync_task.abort();
+    lists_stop.cancel();
+    let _ = sync_task.await;
     pruner.abort();
     watcher.abort();
     control_stop.cancel();

@@ -1,5 +1,5 @@
 //! Blocklist updates (`id06d/blocklist-update/v1`, contract §7) and snapshots
-//! (`id06d/blocklist-snapshot/v1`, defined here), with their canonical signing forms.
+//! (`id06d/blocklist-snapshot/v2`, defined here), with their canonical signing forms.
 //!
 //! # Updates
 //!
@@ -13,27 +13,31 @@
 //! from nothing or is stuck behind a gap can catch up:
 //!
 //! - `{prefix}/blocklist/snapshot` holds the *manifest* (JSON, [`SnapshotManifest`]):
-//!   version, number of cards and chunks, SHA-256 of the chunks, signature.
+//!   version, number of cards and chunks, the SHA-256 of each chunk, signature.
 //! - `{prefix}/blocklist/snapshot/{n}` (n = 0, 1, …) holds chunk n (binary, [`SnapshotChunk`]):
 //!   `"ID6C"`, version (u64 BE), index (u32 BE), count (u32 BE), then `count` entries of
 //!   UID length (u8), UID bytes, status code (u8; see `CardStatus::code`).
 //!
-//! A gateway collects the chunks of the manifest's version, checks the SHA-256 over the
-//! chunk payloads concatenated in index order, the card count and (when keys are in use)
-//! the signature, and only then replaces its list. Chunks of other versions are ignored; a
-//! snapshot older than the list in use is ignored. The producer publishes the chunks first
-//! and the manifest last.
+//! A gateway takes a manifest newer than its list (checking its signature when keys are in
+//! use), then collects its chunks: each is checked against the manifest's hash for its
+//! index the moment it arrives and is kept on disk, so a bogus chunk is dropped at once and
+//! holds no memory. Once every chunk is in and the card count matches, the list is
+//! replaced. Chunks that the manifest does not name are ignored; a snapshot not newer than
+//! the list in use is ignored. The producer publishes the chunks first and the manifest
+//! last. (v1 manifests carried one SHA-256 over all chunks, which could only be checked once
+//! every chunk had been held; they are no longer accepted.)
 //!
 //! # Signatures
 //!
 //! Ed25519 over a canonical text, UTF-8, one `key=value` line each ending in `\n`:
 //!
 //! ```text
-//! id06d/blocklist-update/v1          id06d/blocklist-snapshot/v1
+//! id06d/blocklist-update/v1          id06d/blocklist-snapshot/v2
 //! from_version=1206                  version=1207
 //! to_version=1207                    cards=2000000
 //! set=04A1B2C3D4E5F6:blocked         chunks=40
-//! clear=0455AA10B2C3D4               sha256=<64 lower-case hex digits>
+//! clear=0455AA10B2C3D4               chunk=0:<64 lower-case hex digits>
+//!                                    chunk=1:<…>  (one line per chunk, in index order)
 //! ```
 //!
 //! UIDs in canonical spelling, statuses in wire spelling, `set` and `clear` lines in the
@@ -180,7 +184,7 @@ impl BlocklistUpdate {
 }
 
 /// The schema name of a snapshot manifest.
-pub const SNAPSHOT_SCHEMA: &str = "id06d/blocklist-snapshot/v1";
+pub const SNAPSHOT_SCHEMA: &str = "id06d/blocklist-snapshot/v2";
 
 /// The magic at the start of every snapshot chunk.
 pub const CHUNK_MAGIC: &[u8; 4] = b"ID6C";
@@ -190,6 +194,9 @@ pub const CARDS_PER_CHUNK: usize = 50_000;
 
 /// The most chunks a manifest may announce (50 million cards at the default chunk size).
 pub const MAX_CHUNKS: u32 = 1000;
+
+/// The largest manifest payload accepted, in bytes.
+pub const MAX_MANIFEST_BYTES: usize = 128 * 1024;
 
 /// The retained manifest of the newest full blocklist.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,8 +210,8 @@ pub struct SnapshotManifest {
     pub cards: u64,
     /// How many chunks (topics `…/snapshot/0` … `…/snapshot/{chunks-1}`).
     pub chunks: u32,
-    /// SHA-256 of the chunk payloads concatenated in index order, lower-case hex.
-    pub sha256: String,
+    /// SHA-256 of each chunk's payload, in index order, lower-case hex.
+    pub chunk_sha256: Vec<String>,
     /// Base64 Ed25519 signature over [`SnapshotManifest::canonical_bytes`], when keys are in use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
@@ -213,7 +220,7 @@ pub struct SnapshotManifest {
 impl SnapshotManifest {
     /// Parses and checks a manifest payload on its own.
     pub fn decode(bytes: &[u8]) -> Result<SnapshotManifest, UpdateError> {
-        if bytes.len() > 64 * 1024 {
+        if bytes.len() > MAX_MANIFEST_BYTES {
             return Err(UpdateError::TooLarge(bytes.len()));
         }
         let m: SnapshotManifest =
@@ -227,24 +234,49 @@ impl SnapshotManifest {
                 m.chunks
             )));
         }
-        if m.sha256.len() != 64 || !m.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(UpdateError::Malformed(
-                "sha256 must be 64 hex digits".into(),
-            ));
+        if m.chunk_sha256.len() != m.chunks as usize {
+            return Err(UpdateError::Malformed(format!(
+                "{} chunk hashes for {} chunks",
+                m.chunk_sha256.len(),
+                m.chunks
+            )));
+        }
+        if let Some(i) = m
+            .chunk_sha256
+            .iter()
+            .position(|h| h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(UpdateError::Malformed(format!(
+                "chunk_sha256[{i}] must be 64 hex digits"
+            )));
+        }
+        if m.cards > u64::from(m.chunks) * CARDS_PER_CHUNK as u64 * 4 {
+            return Err(UpdateError::Malformed(format!(
+                "{} cards cannot be in {} chunks",
+                m.cards, m.chunks
+            )));
         }
         Ok(m)
     }
 
+    /// Whether `chunk` is this manifest's chunk `index` (by its SHA-256).
+    pub fn names_chunk(&self, index: u32, sha256_hex: &str) -> bool {
+        self.chunk_sha256
+            .get(index as usize)
+            .is_some_and(|h| h.eq_ignore_ascii_case(sha256_hex))
+    }
+
     /// The bytes a signature covers (see the module documentation).
     pub fn canonical_bytes(&self) -> Vec<u8> {
-        format!(
-            "{SNAPSHOT_SCHEMA}\nversion={}\ncards={}\nchunks={}\nsha256={}\n",
-            self.version,
-            self.cards,
-            self.chunks,
-            self.sha256.to_ascii_lowercase()
-        )
-        .into_bytes()
+        use std::fmt::Write;
+        let mut s = format!(
+            "{SNAPSHOT_SCHEMA}\nversion={}\ncards={}\nchunks={}\n",
+            self.version, self.cards, self.chunks
+        );
+        for (i, h) in self.chunk_sha256.iter().enumerate() {
+            let _ = writeln!(s, "chunk={i}:{}", h.to_ascii_lowercase());
+        }
+        s.into_bytes()
     }
 }
 
@@ -441,16 +473,29 @@ mod tests {
 
     #[test]
     fn manifests_are_checked() {
-        let good = r#"{"schema":"id06d/blocklist-snapshot/v1","version":3,"cards":10,"chunks":1,"sha256":"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"}"#;
+        let good = r#"{"schema":"id06d/blocklist-snapshot/v2","version":3,"cards":10,"chunks":1,"chunk_sha256":["00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"]}"#;
         let m = SnapshotManifest::decode(good.as_bytes()).unwrap();
-        assert!(String::from_utf8(m.canonical_bytes())
-            .unwrap()
-            .starts_with("id06d/blocklist-snapshot/v1\nversion=3\n"));
-        assert!(
-            SnapshotManifest::decode(good.replace("\"chunks\":1", "\"chunks\":0").as_bytes())
-                .is_err()
+        assert_eq!(
+            String::from_utf8(m.canonical_bytes()).unwrap(),
+            "id06d/blocklist-snapshot/v2\nversion=3\ncards=10\nchunks=1\nchunk=0:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n"
         );
-        assert!(SnapshotManifest::decode(good.replace("0011", "zz11").as_bytes()).is_err());
+        assert!(m.names_chunk(
+            0,
+            "00112233445566778899AABBCCDDEEFF00112233445566778899aabbccddeeff"
+        ));
+        assert!(!m.names_chunk(
+            1,
+            "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+        ));
+        for bad in [
+            good.replace("\"chunks\":1", "\"chunks\":0"),
+            good.replace("\"chunks\":1", "\"chunks\":2"),
+            good.replace("0011", "zz11"),
+            good.replace("snapshot/v2", "snapshot/v1"),
+            good.replace("\"cards\":10", "\"cards\":1000000"),
+        ] {
+            assert!(SnapshotManifest::decode(bad.as_bytes()).is_err(), "{bad}");
+        }
     }
 
     proptest::proptest! {

@@ -692,15 +692,18 @@ fn the_schemas_refuse_broken_payloads() {
         s.assert_invalid("blocklist-update.schema.json", &v, what);
     }
 
-    let m = json!({"schema": "id06d/blocklist-snapshot/v1", "version": 3, "cards": 10,
-        "chunks": 1, "sha256": "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"});
+    let m = json!({"schema": "id06d/blocklist-snapshot/v2", "version": 3, "cards": 10,
+        "chunks": 1, "chunk_sha256": ["00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"]});
     let manifest = "blocklist-snapshot-manifest.schema.json";
     s.assert_valid(manifest, &m, "the sample manifest");
     #[rustfmt::skip]
     let cases = [
         ("no chunks", patched(&m, json!({"chunks": 0}))),
         ("too many chunks", patched(&m, json!({"chunks": 1001}))),
-        ("a short hash", patched(&m, json!({"sha256": "0011"}))),
+        ("a short hash", patched(&m, json!({"chunk_sha256": ["0011"]}))),
+        ("no hashes", patched(&m, json!({"chunk_sha256": []}))),
+        ("the v1 hash", patched(&m, json!({"sha256": "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"}))),
+        ("the v1 schema", patched(&m, json!({"schema": "id06d/blocklist-snapshot/v1"}))),
         ("a missing cards", without(&m, "cards")),
     ];
     for (what, v) in cases {

@@ -1,0 +1,205 @@
+//! The MQTT session that receives the lists: blocklist updates and snapshots.
+//!
+//! Design: everything the gateway subscribes to comes in on this session, and nothing the
+//! gateway must deliver goes out on it. Events, decisions and states go out on the
+//! publishing session ([`crate::mqtt`]), which subscribes to nothing, so no message anyone
+//! publishes can get in the way of delivery. This session speaks MQTT 5, which lets the
+//! gateway bound what the broker may send it before anything is read:
+//!
+//! - *Maximum Packet Size* [`MAX_PACKET`]: the broker never sends a bigger message (it drops
+//!   it for this client; mosquitto logs that). A list change bigger than that is a
+//!   snapshot's job.
+//! - *Receive Maximum* [`RECEIVE_MAXIMUM`]: at most that many unacknowledged messages are
+//!   on their way, so a flood waits at the broker, not in our memory.
+//! - manual acknowledgements: a message is acknowledged only after
+//!   [`BlocklistSync::handle`] has applied or refused it, so an update the broker was told
+//!   we have is never lost (a crash before that means the broker sends it again).
+//!
+//! The session is persistent (clean start off, a session expiry of [`SESSION_EXPIRY`]),
+//! under the client id `{client_id}-lists`, so updates published while the gateway was
+//! offline arrive when it is back. It subscribes to the updates and the manifest, and to the
+//! chunk topics only while a snapshot is being collected.
+
+use crate::blocklist_sync::{BlocklistSync, Incoming};
+use crate::config::MqttSettings;
+use id06_protocol::Topics;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The largest message the broker may send this session (8 MiB: a snapshot chunk of 50 000
+/// cards is about 450 KB, an update of 100 000 changes about 5 MB).
+pub const MAX_PACKET: u32 = 8 << 20;
+/// Unacknowledged messages the broker may have on their way to us.
+pub const RECEIVE_MAXIMUM: u16 = 4;
+/// How long the broker keeps the session while the gateway is away (seconds).
+pub const SESSION_EXPIRY: u32 = 7 * 24 * 3600;
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// What the session needs.
+pub struct ListSession {
+    /// Broker settings.
+    pub settings: MqttSettings,
+    /// The broker password, read from `password_file`.
+    pub password: Option<String>,
+    /// For `mqtts://`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Topic names.
+    pub topics: Topics,
+    /// Where the messages go.
+    pub sync: BlocklistSync,
+    /// Cancelled when the daemon stops.
+    pub shutdown: CancellationToken,
+}
+
+fn options(
+    s: &MqttSettings,
+    password: &Option<String>,
+    tls: &Option<Arc<rustls::ClientConfig>>,
+) -> MqttOptions {
+    let mut o = MqttOptions::new(format!("{}-lists", s.client_id), s.host.clone(), s.port);
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(SESSION_EXPIRY));
+    o.set_keep_alive(Duration::from_secs(60));
+    o.set_max_packet_size(Some(MAX_PACKET));
+    o.set_receive_maximum(Some(RECEIVE_MAXIMUM));
+    o.set_manual_acks(true);
+    if let Some(tls) = tls {
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
+    }
+    if let Some(user) = &s.username {
+        o.set_credentials(user.clone(), password.clone().unwrap_or_default());
+    }
+    o
+}
+
+fn describe(e: &ConnectionError, settings: &MqttSettings) -> String {
+    let raw = match e {
+        ConnectionError::ConnectionRefused(code) => {
+            return format!("the broker refused the connection ({code:?}); check username, password_file and client_id");
+        }
+        other => other.to_string(),
+    };
+    match settings
+        .tls
+        .then(|| crate::tls::explain(&raw, settings))
+        .flatten()
+    {
+        Some(hint) => format!("TLS: {hint} ({raw})"),
+        None => raw,
+    }
+}
+
+impl ListSession {
+    /// Runs until shutdown; reconnects with back-off forever.
+    pub async fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        let mut last_error: Option<String> = None;
+        loop {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            let (client, eventloop) =
+                AsyncClient::new(options(&self.settings, &self.password, &self.tls), 16);
+            let (why, connected) = self.connection(&client, eventloop).await;
+            let Some(why) = why else { return };
+            if connected {
+                backoff = BACKOFF_MIN;
+            }
+            // One line per kind of failure, not one per attempt.
+            if last_error.as_deref() != Some(why.as_str()) {
+                tracing::warn!(broker = %self.settings.url, "the blocklist session lost the broker: {why}; retrying with back-off (events are not affected)");
+                last_error = Some(why);
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One connection. Returns why it ended (`None`: shutdown) and whether it was up.
+    async fn connection(
+        &mut self,
+        client: &AsyncClient,
+        mut eventloop: EventLoop,
+    ) -> (Option<String>, bool) {
+        let mut connected = false;
+        let mut chunks_on = false;
+        let chunk_topic = format!("{}/+", self.topics.blocklist_snapshot());
+        loop {
+            let polled = tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    let _ = client.try_disconnect();
+                    return (None, connected);
+                }
+                p = eventloop.poll() => p,
+            };
+            match polled {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    connected = true;
+                    tracing::info!(broker = %self.settings.url, "the blocklist session is connected");
+                    for topic in [
+                        self.topics.blocklist_update(),
+                        self.topics.blocklist_snapshot(),
+                    ] {
+                        let _ = client.try_subscribe(topic, QoS::AtLeastOnce);
+                    }
+                    chunks_on = false;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    if let Some(input) = self.route(&topic, p.payload.to_vec()) {
+                        self.sync.handle(input).await;
+                    }
+                    // Handled (applied or refused): now the broker may forget it.
+                    if let Err(e) = client.try_ack(&p) {
+                        tracing::debug!("cannot acknowledge a blocklist message now: {e}");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return (Some(describe(&e, &self.settings)), connected),
+            }
+            if connected {
+                let want = self.sync.wants_chunks();
+                if want != chunks_on {
+                    chunks_on = want;
+                    let r = if want {
+                        client.try_subscribe(chunk_topic.clone(), QoS::AtLeastOnce)
+                    } else {
+                        client.try_unsubscribe(chunk_topic.clone())
+                    };
+                    if let Err(e) = r {
+                        tracing::debug!("cannot change the chunk subscription now: {e}");
+                        chunks_on = !want;
+                    }
+                }
+            }
+        }
+    }
+
+    fn route(&self, topic: &str, payload: Vec<u8>) -> Option<Incoming> {
+        let snapshot = self.topics.blocklist_snapshot();
+        if topic == self.topics.blocklist_update() {
+            Some(Incoming::Update(payload))
+        } else if topic == snapshot {
+            (!payload.is_empty()).then_some(Incoming::Manifest(payload))
+        } else if topic
+            .strip_prefix(&snapshot)
+            .is_some_and(|rest| rest.starts_with('/'))
+        {
+            // An empty payload clears a retained chunk: nothing to take.
+            (!payload.is_empty()).then_some(Incoming::Chunk(payload))
+        } else {
+            tracing::debug!(topic, "message on a topic we did not subscribe to; ignored");
+            None
+        }
+    }
+}
