@@ -53,6 +53,11 @@ impl BlocklistIndex {
         self.entries.len()
     }
 
+    /// Every listed card with its status.
+    pub fn iter(&self) -> impl Iterator<Item = (CardUid, CardStatus)> + '_ {
+        self.entries.iter()
+    }
+
     /// Whether the list is empty.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()

@@ -345,6 +345,12 @@ impl BlocklistSync {
                 return self.rejected(format!("blocklist snapshot chunk rejected: {e}"));
             }
         };
+        if !SnapshotChunk::plausible(bytes) {
+            return self.rejected(format!(
+                "blocklist snapshot chunk (version {version}, index {index}, {} bytes) rejected: its size does not fit its card count",
+                bytes.len()
+            ));
+        }
         let hash = crate::publish::sha256_hex(bytes);
         if version != m.version || !m.names_chunk(index, &hash) {
             return self.rejected(format!(

@@ -38,6 +38,8 @@ struct RawConfig {
     metrics: RawMetrics,
     #[serde(default)]
     blocklist: BlocklistSettings,
+    #[serde(default)]
+    access: AccessSettings,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -149,6 +151,25 @@ impl Default for EventsSettings {
     }
 }
 
+/// Which cards a gateway admits besides what the national list says (`[access] mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessMode {
+    /// Every card the national list does not deny, except the site's bans.
+    #[default]
+    Open,
+    /// Only the cards on the site's allow list (and not denied by the national list).
+    SiteList,
+}
+
+/// `[access]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessSettings {
+    /// `open` or `site_list`.
+    pub mode: AccessMode,
+}
+
 /// What to do when the blocklist is older than `max_age_hours`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -169,6 +190,9 @@ pub struct BlocklistSettings {
     pub when_stale: WhenStale,
     /// Ed25519 public key that updates must be signed with (base64 or hex).
     pub public_key: Option<String>,
+    /// `blocklist import` refuses a file that would take more than this share (percent) of
+    /// the listed cards off the list, unless told `--allow-shrink`.
+    pub import_max_shrink_percent: u8,
 }
 
 impl Default for BlocklistSettings {
@@ -177,6 +201,7 @@ impl Default for BlocklistSettings {
             max_age_hours: 48,
             when_stale: WhenStale::Allow,
             public_key: None,
+            import_max_shrink_percent: 10,
         }
     }
 }
@@ -282,6 +307,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Blocklist policy.
     pub blocklist: BlocklistSettings,
+    /// `[access]`: what the site's own list does.
+    pub access: AccessSettings,
 }
 
 /// Where a byte offset lies: 1-based line and column.
@@ -496,6 +523,11 @@ impl Config {
         if raw.blocklist.max_age_hours == 0 {
             return Err(loc.whole("[blocklist] max_age_hours must be more than 0"));
         }
+        if raw.blocklist.import_max_shrink_percent > 100 {
+            return Err(
+                loc.whole("[blocklist] import_max_shrink_percent must be between 0 and 100")
+            );
+        }
 
         let metrics_listen = match &raw.metrics.listen {
             None => None,
@@ -615,6 +647,7 @@ impl Config {
             events: raw.events,
             metrics_listen,
             blocklist: raw.blocklist,
+            access: raw.access,
         })
     }
 
@@ -713,6 +746,11 @@ impl Config {
                 WhenStale::Deny => "deny",
             })
         );
+        let _ = writeln!(
+            s,
+            "import_max_shrink_percent = {}",
+            b.import_max_shrink_percent
+        );
         match &b.public_key {
             Some(k) => {
                 let _ = writeln!(s, "public_key    = {}", q(k));
@@ -724,6 +762,14 @@ impl Config {
                 );
             }
         }
+        let _ = writeln!(
+            s,
+            "\n[access]\nmode = {}",
+            q(match self.access.mode {
+                AccessMode::Open => "open",
+                AccessMode::SiteList => "site_list",
+            })
+        );
         s
     }
 }

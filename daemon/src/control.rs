@@ -10,8 +10,12 @@
 //!   `{"delivered":true,"event":{…}}`, oldest first;
 //! - `outbox-stats` → one JSON line
 //!   `{"depth":…,"oldest_seq":…,"oldest_at":…,"stream":…,"last_seq":…,"archived":…}`;
-//! - `blocklist [uid]` → one JSON line, a [`Summary`] of the list in force (with the
-//!   card's status when a UID is given).
+//! - `blocklist [uid]` → one JSON line, a [`ListsSummary`]: the national list in force and
+//!   the site's own list (with the card's entries when a UID is given).
+//!
+//! One request writes: `site-list-replace <version> <count>`, then `count` lines
+//! `<uid> ban|allow` → `ok <previous version>`; it replaces the site's own list
+//! ([`crate::site_list`]), so that a site ban takes effect at once while the daemon runs.
 //!
 //! Anything else gets `error: …` and the connection is closed. Requests are read with a
 //! deadline and a length limit; answers are produced on the blocking pool.
@@ -30,6 +34,45 @@ use tokio_util::sync::CancellationToken;
 pub const SOCKET_NAME: &str = "control.sock";
 /// The longest request line.
 const MAX_REQUEST: u64 = 256;
+/// The most cards a site-list replacement may carry over the socket.
+const MAX_SITE_CARDS: u64 = 1_000_000;
+/// The longest line of a site-list replacement (`<20 hex digits> allow\n`).
+const MAX_SITE_LINE: u64 = 64;
+
+/// The site's own list, as the control socket reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteSummary {
+    /// Its version (0: never imported).
+    pub version: u64,
+    /// Cards banned from the site.
+    pub banned: u64,
+    /// Cards on the allow list.
+    pub allowed: u64,
+    /// The entry of the card asked about.
+    pub entry: Option<crate::site_list::SiteEntry>,
+}
+
+impl SiteSummary {
+    /// The figures of `index` (and `card`'s entry).
+    pub fn of(index: &crate::site_list::SiteIndex, card: Option<&CardUid>) -> SiteSummary {
+        let (banned, allowed) = index.counts();
+        SiteSummary {
+            version: index.version,
+            banned: banned as u64,
+            allowed: allowed as u64,
+            entry: card.and_then(|c| index.lookup(c)),
+        }
+    }
+}
+
+/// The national list and the site's own list.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListsSummary {
+    /// The national ID06 list.
+    pub national: Summary,
+    /// The site's own list.
+    pub site: SiteSummary,
+}
 /// How long a client may take to send its request.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -95,6 +138,7 @@ pub async fn serve(
     data_dir: PathBuf,
     outbox: Outbox,
     blocklist: Blocklist,
+    site_list: crate::site_list::SiteList,
     shutdown: CancellationToken,
 ) {
     let path = socket_path(&data_dir);
@@ -122,8 +166,9 @@ pub async fn serve(
                 Ok((stream, _)) => {
                     let outbox = outbox.clone();
                     let blocklist = blocklist.clone();
+                    let site_list = site_list.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = answer(stream, outbox, blocklist).await {
+                        if let Err(e) = answer(stream, outbox, blocklist, site_list).await {
                             tracing::debug!("control socket client: {e}");
                         }
                     });
@@ -142,6 +187,7 @@ async fn answer(
     stream: tokio::net::UnixStream,
     outbox: Outbox,
     blocklist: Blocklist,
+    site_list: crate::site_list::SiteList,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -200,7 +246,10 @@ async fn answer(
             };
             match card {
                 Ok(card) => {
-                    let summary = blocklist.index().summary(card.as_ref());
+                    let summary = ListsSummary {
+                        national: blocklist.index().summary(card.as_ref()),
+                        site: SiteSummary::of(&site_list.index(), card.as_ref()),
+                    };
                     let mut line = serde_json::to_vec(&summary).unwrap_or_default();
                     line.push(b'\n');
                     line
@@ -208,14 +257,75 @@ async fn answer(
                 Err(e) => format!("error: {e}\n").into_bytes(),
             }
         }
+        (Some("site-list-replace"), Some(version), Some(count)) => {
+            match (version.parse::<u64>(), count.parse::<u64>()) {
+                (Ok(version), Ok(count)) if count <= MAX_SITE_CARDS => {
+                    limited
+                        .get_mut()
+                        .set_limit(count.saturating_mul(MAX_SITE_LINE));
+                    match read_site_entries(&mut limited, count).await {
+                        Ok(entries) => {
+                            let list = site_list.clone();
+                            let done = tokio::task::spawn_blocking(move || {
+                                list.replace(&entries, version, UtcMillis::now())
+                                    .map(|was| (was, entries.len()))
+                            })
+                            .await
+                            .map_err(|e| std::io::Error::other(e.to_string()))?;
+                            match done {
+                                Ok((was, n)) => {
+                                    tracing::info!(version, was, cards = n, "the site list was replaced");
+                                    format!("ok {was}\n").into_bytes()
+                                }
+                                Err(e) => format!("error: {e}\n").into_bytes(),
+                            }
+                        }
+                        Err(e) => format!("error: {e}\n").into_bytes(),
+                    }
+                }
+                _ => format!("error: site-list-replace wants a version and a card count of at most {MAX_SITE_CARDS}\n").into_bytes(),
+            }
+        }
         _ => format!(
-            "error: unknown request {:?} (known: events-since <unix ms>, outbox-stats, blocklist [uid])\n",
+            "error: unknown request {:?} (known: events-since <unix ms>, outbox-stats, blocklist [uid], site-list-replace <version> <count>)\n",
             request.chars().take(64).collect::<String>()
         )
         .into_bytes(),
     };
     write.write_all(&reply).await?;
     write.shutdown().await
+}
+
+/// Reads `count` lines `<uid> ban|allow` of a site-list replacement.
+async fn read_site_entries(
+    reader: &mut (impl tokio::io::AsyncBufRead + Unpin),
+    count: u64,
+) -> Result<Vec<(CardUid, crate::site_list::SiteEntry)>, String> {
+    use crate::site_list::SiteEntry;
+    let mut out = Vec::with_capacity(count.min(100_000) as usize);
+    let mut line = String::new();
+    for n in 0..count {
+        line.clear();
+        let read = tokio::time::timeout(REQUEST_DEADLINE, reader.read_line(&mut line))
+            .await
+            .map_err(|_| format!("card {n} of {count} did not arrive within 5 s"))?
+            .map_err(|e| e.to_string())?;
+        if read == 0 {
+            return Err(format!("the list ended after {n} of {count} cards"));
+        }
+        let mut words = line.split_whitespace();
+        let (Some(uid), Some(entry), None) = (words.next(), words.next(), words.next()) else {
+            return Err(format!("card {n}: expected `<uid> ban|allow`"));
+        };
+        let uid = CardUid::parse(uid).map_err(|e| format!("card {n}: {e}"))?;
+        let entry = match entry {
+            "ban" => SiteEntry::Ban,
+            "allow" => SiteEntry::Allow,
+            other => return Err(format!("card {n}: {other:?} is neither ban nor allow")),
+        };
+        out.push((uid, entry));
+    }
+    Ok(out)
 }
 
 /// Why asking the running daemon failed.
@@ -243,6 +353,10 @@ pub enum ControlError {
 }
 
 fn ask(data_dir: &Path, request: &str) -> Result<Vec<String>, ControlError> {
+    ask_with(data_dir, request, &[])
+}
+
+fn ask_with(data_dir: &Path, request: &str, body: &[u8]) -> Result<Vec<String>, ControlError> {
     let path = socket_path(data_dir);
     let mut stream =
         std::os::unix::net::UnixStream::connect(&path).map_err(|source| ControlError::Connect {
@@ -259,6 +373,7 @@ fn ask(data_dir: &Path, request: &str) -> Result<Vec<String>, ControlError> {
     stream
         .write_all(format!("{request}\n").as_bytes())
         .map_err(io)?;
+    stream.write_all(body).map_err(io)?;
     let mut lines = Vec::new();
     for line in BufReader::new(stream).lines() {
         let line = line.map_err(io)?;
@@ -287,8 +402,33 @@ pub fn remote_events_since(
         .collect()
 }
 
-/// The blocklist in force (and `card`'s status), from the daemon running on `data_dir`.
-pub fn remote_blocklist(data_dir: &Path, card: Option<&CardUid>) -> Result<Summary, ControlError> {
+/// Replaces the site's own list of the daemon running on `data_dir`; returns the version
+/// it replaced.
+pub fn remote_site_list_replace(
+    data_dir: &Path,
+    entries: &[(CardUid, crate::site_list::SiteEntry)],
+    version: u64,
+) -> Result<u64, ControlError> {
+    let mut body = Vec::with_capacity(entries.len() * 24);
+    for (uid, entry) in entries {
+        body.extend_from_slice(format!("{uid} {}\n", entry.as_str()).as_bytes());
+    }
+    let request = format!("site-list-replace {version} {}", entries.len());
+    let lines = ask_with(data_dir, &request, &body)?;
+    lines
+        .first()
+        .and_then(|l| l.strip_prefix("ok "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| {
+            ControlError::Refused(format!("an answer this build cannot read: {lines:?}"))
+        })
+}
+
+/// The lists in force (and `card`'s entries), from the daemon running on `data_dir`.
+pub fn remote_blocklist(
+    data_dir: &Path,
+    card: Option<&CardUid>,
+) -> Result<ListsSummary, ControlError> {
     let request = match card {
         Some(c) => format!("blocklist {c}"),
         None => "blocklist".to_string(),
@@ -297,7 +437,7 @@ pub fn remote_blocklist(data_dir: &Path, card: Option<&CardUid>) -> Result<Summa
     let line = lines
         .first()
         .ok_or_else(|| ControlError::Refused("no answer".into()))?;
-    serde_json::from_str::<Summary>(line)
+    serde_json::from_str::<ListsSummary>(line)
         .map_err(|e| ControlError::Refused(format!("figures this build cannot read: {e}")))
 }
 

@@ -1,7 +1,8 @@
 //! The decision for a tap (contract §5) and the direction of a `toggle` reader's tap (contract §4).
 //! Pure functions: the blocklist lookup and the clock are the caller's.
 
-use crate::config::WhenStale;
+use crate::config::{AccessMode, WhenStale};
+use crate::site_list::SiteEntry;
 use id06_protocol::{CardStatus, Decision, DenyReason, Direction};
 
 /// A decision with what it was based on.
@@ -16,8 +17,22 @@ pub struct Ruling {
 }
 
 /// Decides a tap from the card's blocklist entry (`None`: not on the list) and whether the
-/// list is stale.
+/// list is stale, at a site without a list of its own.
 pub fn decide(listed: Option<CardStatus>, stale: bool, when_stale: WhenStale) -> Ruling {
+    decide_at_site(listed, None, AccessMode::Open, stale, when_stale)
+}
+
+/// Decides a tap from the card's national blocklist entry, its entry on the site's own list
+/// and the site's access mode. The ID06 status comes first (a card the national list denies
+/// is denied whatever the site says); then a site ban; then, in `site_list` mode, a card
+/// the site has not allowed; then a stale list with `when_stale = "deny"`.
+pub fn decide_at_site(
+    listed: Option<CardStatus>,
+    site: Option<SiteEntry>,
+    mode: AccessMode,
+    stale: bool,
+    when_stale: WhenStale,
+) -> Ruling {
     let card_status = listed.unwrap_or(CardStatus::Unlisted);
     let denied = |reason| Ruling {
         card_status,
@@ -30,7 +45,11 @@ pub fn decide(listed: Option<CardStatus>, stale: bool, when_stale: WhenStale) ->
         CardStatus::Suspended => denied(DenyReason::Suspended),
         CardStatus::Produced => denied(DenyReason::NotActivated),
         CardStatus::Active | CardStatus::Unlisted => {
-            if stale && when_stale == WhenStale::Deny {
+            if site == Some(SiteEntry::Ban) {
+                denied(DenyReason::SiteBanned)
+            } else if mode == AccessMode::SiteList && site != Some(SiteEntry::Allow) {
+                denied(DenyReason::NotOnSiteList)
+            } else if stale && when_stale == WhenStale::Deny {
                 denied(DenyReason::BlocklistStale)
             } else {
                 Ruling {
@@ -59,6 +78,53 @@ pub fn toggle_direction(last: Option<(Direction, i64)>, now_ms: i64) -> Directio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_site_list_applies_after_the_national_status() {
+        use AccessMode::{Open, SiteList};
+        use SiteEntry::{Allow, Ban};
+        let allow = WhenStale::Allow;
+        let reason = |listed, site, mode, stale, when| {
+            decide_at_site(listed, site, mode, stale, when).reason
+        };
+        // The ID06 status first: an allowed card that is terminated stays out.
+        assert_eq!(
+            reason(
+                Some(CardStatus::Terminated),
+                Some(Allow),
+                SiteList,
+                false,
+                allow
+            ),
+            Some(DenyReason::Terminated)
+        );
+        assert_eq!(
+            reason(None, Some(Ban), Open, false, allow),
+            Some(DenyReason::SiteBanned)
+        );
+        assert_eq!(
+            reason(None, Some(Ban), SiteList, false, allow),
+            Some(DenyReason::SiteBanned)
+        );
+        assert_eq!(
+            reason(None, None, SiteList, false, allow),
+            Some(DenyReason::NotOnSiteList)
+        );
+        assert_eq!(reason(None, Some(Allow), SiteList, false, allow), None);
+        assert_eq!(
+            reason(Some(CardStatus::Active), None, Open, false, allow),
+            None
+        );
+        assert_eq!(
+            reason(None, Some(Allow), SiteList, true, WhenStale::Deny),
+            Some(DenyReason::BlocklistStale)
+        );
+        assert_eq!(
+            decide_at_site(None, Some(Ban), Open, false, allow).card_status,
+            CardStatus::Unlisted,
+            "card_status stays the national status"
+        );
+    }
 
     #[test]
     fn decisions_follow_the_spec_table() {

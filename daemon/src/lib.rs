@@ -56,6 +56,7 @@ pub mod recovery;
 pub mod run;
 pub mod shared;
 pub mod signing;
+pub mod site_list;
 pub mod store;
 pub mod tls;
 pub mod wal;

@@ -9,11 +9,17 @@
 //! - *Maximum Packet Size* [`MAX_PACKET`]: the broker never sends a bigger message (it drops
 //!   it for this client; mosquitto logs that). A list change bigger than that is a
 //!   snapshot's job.
-//! - *Receive Maximum* [`RECEIVE_MAXIMUM`]: at most that many unacknowledged messages are
-//!   on their way, so a flood waits at the broker, not in our memory.
-//! - manual acknowledgements: a message is acknowledged only after
-//!   [`BlocklistSync::handle`] has applied or refused it, so an update the broker was told
-//!   we have is never lost (a crash before that means the broker sends it again).
+//! - *Receive Maximum* [`RECEIVE_MAXIMUM`]: the broker should have at most that many
+//!   unacknowledged messages on their way to us.
+//! - Messages are handled one at a time, in order, and never dropped: the task that polls
+//!   the connection hands each to [`BlocklistSync::handle`] over a channel of
+//!   [`HANDOFF`] places and waits when it is full, so a flood waits in the socket and at the
+//!   broker, not in our memory.
+//!
+//! rumqttc acknowledges a message when it reads it (acknowledging only after handling, with
+//! its manual acknowledgements, stalled under a burst against mosquitto 2.0). An update
+//! acknowledged and lost to a crash before it was applied shows as a gap at the next update
+//! (`blocklist_gap` on `P/status`) and is caught up by the next snapshot.
 //!
 //! The session is persistent (clean start off, a session expiry of [`SESSION_EXPIRY`]),
 //! under the client id `{client_id}-lists`, so updates published while the gateway was
@@ -35,6 +41,8 @@ use tokio_util::sync::CancellationToken;
 pub const MAX_PACKET: u32 = 8 << 20;
 /// Unacknowledged messages the broker may have on their way to us.
 pub const RECEIVE_MAXIMUM: u16 = 4;
+/// Messages read and waiting to be handled, at most.
+pub const HANDOFF: usize = 4;
 /// How long the broker keeps the session while the gateway is away (seconds).
 pub const SESSION_EXPIRY: u32 = 7 * 24 * 3600;
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -67,7 +75,6 @@ fn options(
     o.set_keep_alive(Duration::from_secs(60));
     o.set_max_packet_size(Some(MAX_PACKET));
     o.set_receive_maximum(Some(RECEIVE_MAXIMUM));
-    o.set_manual_acks(true);
     if let Some(tls) = tls {
         o.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(tls.clone()),
@@ -126,63 +133,83 @@ impl ListSession {
     }
 
     /// One connection. Returns why it ended (`None`: shutdown) and whether it was up.
+    ///
+    /// The event loop is polled by a task of its own (so that keep-alives go on while a
+    /// snapshot is applied), which hands each message over a small channel to this task.
     async fn connection(
         &mut self,
         client: &AsyncClient,
         mut eventloop: EventLoop,
     ) -> (Option<String>, bool) {
+        enum Polled {
+            Connected,
+            Message(rumqttc::v5::mqttbytes::v5::Publish),
+            Lost(String),
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Polled>(HANDOFF);
+        let settings = self.settings.clone();
+        let poller = tokio::spawn(async move {
+            loop {
+                let next = match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => Polled::Connected,
+                    Ok(Event::Incoming(Packet::Publish(p))) => Polled::Message(p),
+                    Ok(_) => continue,
+                    Err(e) => Polled::Lost(describe(&e, &settings)),
+                };
+                let lost = matches!(next, Polled::Lost(_));
+                if tx.send(next).await.is_err() || lost {
+                    return;
+                }
+            }
+        });
         let mut connected = false;
         let mut chunks_on = false;
         let chunk_topic = format!("{}/+", self.topics.blocklist_snapshot());
-        loop {
+        let end = loop {
             let polled = tokio::select! {
                 _ = self.shutdown.cancelled() => {
                     let _ = client.try_disconnect();
-                    return (None, connected);
+                    break None;
                 }
-                p = eventloop.poll() => p,
+                p = rx.recv() => p,
             };
             match polled {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                Some(Polled::Connected) => {
                     connected = true;
+                    chunks_on = false;
                     tracing::info!(broker = %self.settings.url, "the blocklist session is connected");
                     for topic in [
                         self.topics.blocklist_update(),
                         self.topics.blocklist_snapshot(),
                     ] {
-                        let _ = client.try_subscribe(topic, QoS::AtLeastOnce);
+                        let _ = client.subscribe(topic, QoS::AtLeastOnce).await;
                     }
-                    chunks_on = false;
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
+                Some(Polled::Message(p)) => {
                     let topic = String::from_utf8_lossy(&p.topic).into_owned();
                     if let Some(input) = self.route(&topic, p.payload.to_vec()) {
                         self.sync.handle(input).await;
                     }
-                    // Handled (applied or refused): now the broker may forget it.
-                    if let Err(e) = client.try_ack(&p) {
-                        tracing::debug!("cannot acknowledge a blocklist message now: {e}");
-                    }
                 }
-                Ok(_) => {}
-                Err(e) => return (Some(describe(&e, &self.settings)), connected),
+                Some(Polled::Lost(why)) => break Some(why),
+                None => break Some("the connection ended".to_string()),
             }
             if connected {
                 let want = self.sync.wants_chunks();
                 if want != chunks_on {
                     chunks_on = want;
-                    let r = if want {
-                        client.try_subscribe(chunk_topic.clone(), QoS::AtLeastOnce)
+                    let _ = if want {
+                        client
+                            .subscribe(chunk_topic.clone(), QoS::AtLeastOnce)
+                            .await
                     } else {
-                        client.try_unsubscribe(chunk_topic.clone())
+                        client.unsubscribe(chunk_topic.clone()).await
                     };
-                    if let Err(e) = r {
-                        tracing::debug!("cannot change the chunk subscription now: {e}");
-                        chunks_on = !want;
-                    }
                 }
             }
-        }
+        };
+        poller.abort();
+        (end, connected)
     }
 
     fn route(&self, topic: &str, payload: Vec<u8>) -> Option<Incoming> {

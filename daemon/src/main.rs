@@ -45,6 +45,12 @@ enum Command {
         #[command(subcommand)]
         command: BlocklistCommand,
     },
+    /// The site's own list: cards banned from this site, and the allow list that
+    /// `[access] mode = "site_list"` admits.
+    SiteList {
+        #[command(subcommand)]
+        command: SiteListCommand,
+    },
     /// The outbox of events waiting for the broker.
     Outbox {
         #[command(subcommand)]
@@ -60,12 +66,18 @@ enum Command {
 #[derive(Subcommand)]
 enum BlocklistCommand {
     /// Replace the list from a CSV file of `uid,status` lines.
+    /// Only on a gateway without `[blocklist] public_key` (with a key, the national list
+    /// comes from the backend alone; ban cards for this site with `site-list import`).
     Import {
         /// The CSV file.
         file: PathBuf,
-        /// The new list's version (default: the current one + 1).
+        /// The new list's version, newer than the one in force (default: the current + 1).
         #[arg(long)]
         version: Option<u64>,
+        /// Import also a file that lists no card, or one that takes more than
+        /// `[blocklist] import_max_shrink_percent` of the listed cards off the list.
+        #[arg(long)]
+        allow_shrink: bool,
         /// The configuration file.
         #[arg(long)]
         config: PathBuf,
@@ -121,6 +133,25 @@ enum BlocklistCommand {
         #[arg(long)]
         key: Option<PathBuf>,
         /// The configuration file naming the broker and topic prefix.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum SiteListCommand {
+    /// Replace the site list from a CSV file of `uid,ban` / `uid,allow` lines (also while
+    /// the daemon runs: it takes effect at once).
+    Import {
+        /// The CSV file.
+        file: PathBuf,
+        /// The new site list's version, newer than the one in force (default: the current + 1).
+        #[arg(long)]
+        version: Option<u64>,
+        /// Import also a file that lists no card (an empty site list).
+        #[arg(long)]
+        allow_shrink: bool,
+        /// The configuration file.
         #[arg(long)]
         config: PathBuf,
     },
@@ -311,6 +342,15 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Blocklist { command } => blocklist(command),
+        Command::SiteList {
+            command:
+                SiteListCommand::Import {
+                    file,
+                    version,
+                    allow_shrink,
+                    config,
+                },
+        } => site_list_import(&file, version, allow_shrink, &config),
         Command::Outbox {
             command: OutboxCommand::Stats { config },
         } => {
@@ -430,14 +470,51 @@ fn blocklist(command: BlocklistCommand) -> Result<(), Failure> {
         BlocklistCommand::Import {
             file,
             version,
+            allow_shrink,
             config,
         } => {
             let config = load_config(&config)?;
+            if config.blocklist.public_key.is_some() {
+                return Err(usage(format!(
+                    "nothing imported: {} sets [blocklist] public_key, so the national list comes from the backend's signed snapshots and updates alone (a local import would take a version number the backend may use next); ban a card at this site with `id06d site-list import`",
+                    config.source.display()
+                )));
+            }
             let entries = read_csv(&file, "nothing imported")?;
             let store = open_store(&config)?;
             let bl = Blocklist::open(&store.db, &store.dir).map_err(|e| runtime(e.to_string()))?;
-            let current = bl.index().version;
+            let index = bl.index();
+            let current = index.version;
             let version = version.unwrap_or(current + 1);
+            if version <= current {
+                return Err(usage(format!(
+                    "nothing imported: version {version} is not newer than the list in force (version {current}); list versions only go forward"
+                )));
+            }
+            let shrink = import_shrink(&index, &entries);
+            drop(index);
+            if !allow_shrink {
+                if entries.is_empty() {
+                    return Err(usage(format!(
+                        "nothing imported: {} lists no card; importing it would let every card pass (say --allow-shrink if that is what you want)",
+                        file.display()
+                    )));
+                }
+                let limit = u64::from(config.blocklist.import_max_shrink_percent);
+                if shrink.removed * 100 > shrink.listed * limit {
+                    return Err(usage(format!(
+                        "nothing imported: {} would take {} of the {} listed cards off the list, more than [blocklist] import_max_shrink_percent = {limit} %; check the file, or say --allow-shrink",
+                        file.display(),
+                        shrink.removed,
+                        shrink.listed
+                    )));
+                }
+            }
+            eprintln!(
+                "importing {} cards as version {version} (the version in force is {current}; {} cards come off the list)",
+                entries.len(),
+                shrink.removed
+            );
             let total = entries.len();
             let big = total >= 200_000;
             let mut last_shown = std::time::Instant::now();
@@ -460,22 +537,40 @@ fn blocklist(command: BlocklistCommand) -> Result<(), Failure> {
         BlocklistCommand::Lookup { uid, config } => {
             let config = load_config(&config)?;
             let uid = CardUid::parse(&uid).map_err(|e| usage(format!("{uid:?}: {e}")))?;
-            let summary = blocklist_summary(&config, Some(&uid))?;
+            let lists = blocklist_summary(&config, Some(&uid))?;
+            let summary = &lists.national;
             let now = UtcMillis::now();
             let status = summary
                 .status
                 .unwrap_or(id06_protocol::CardStatus::Unlisted);
+            let stale = summary.is_stale(now, config.blocklist.max_age_hours);
             println!("card {uid}: {status}");
             println!(
                 "blocklist version {}, {}{}",
                 summary.version,
                 age_text(summary.age_s(now)),
-                if summary.is_stale(now, config.blocklist.max_age_hours) {
-                    " (stale)"
-                } else {
-                    ""
+                if stale { " (stale)" } else { "" }
+            );
+            println!(
+                "site list version {}: {}",
+                lists.site.version,
+                match lists.site.entry {
+                    Some(id06d::site_list::SiteEntry::Ban) => "banned from this site",
+                    Some(id06d::site_list::SiteEntry::Allow) => "allowed in",
+                    None => "not on it",
                 }
             );
+            let ruling = id06d::decide::decide_at_site(
+                summary.status,
+                lists.site.entry,
+                config.access.mode,
+                stale,
+                config.blocklist.when_stale,
+            );
+            match ruling.reason {
+                None => println!("a tap now: granted"),
+                Some(r) => println!("a tap now: denied: {r}"),
+            }
             Ok(())
         }
         BlocklistCommand::Keygen { secret_out } => {
@@ -573,7 +668,8 @@ fn blocklist(command: BlocklistCommand) -> Result<(), Failure> {
         }
         BlocklistCommand::Stats { config } => {
             let config = load_config(&config)?;
-            let summary = blocklist_summary(&config, None)?;
+            let lists = blocklist_summary(&config, None)?;
+            let summary = &lists.national;
             let now = UtcMillis::now();
             println!(
                 "blocklist version {}: {} listed cards",
@@ -591,20 +687,124 @@ fn blocklist(command: BlocklistCommand) -> Result<(), Failure> {
                     String::new()
                 }
             );
+            println!(
+                "site list version {}: {} banned, {} allowed (access mode {})",
+                lists.site.version,
+                lists.site.banned,
+                lists.site.allowed,
+                match config.access.mode {
+                    id06d::config::AccessMode::Open => "open",
+                    id06d::config::AccessMode::SiteList => "site_list",
+                }
+            );
             Ok(())
         }
     }
 }
 
-/// The blocklist in force, from the database, or from the running daemon that holds it.
+fn site_list_import(
+    file: &Path,
+    version: Option<u64>,
+    allow_shrink: bool,
+    config: &Path,
+) -> Result<(), Failure> {
+    let config = load_config(config)?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| usage(format!("cannot read {}: {e}", file.display())))?;
+    let entries = id06d::site_list::parse_site_csv(&text).map_err(|problems| {
+        let shown: Vec<String> = problems
+            .iter()
+            .take(20)
+            .map(|p| format!("{}:{}: {}", file.display(), p.line, p.message))
+            .collect();
+        usage(format!(
+            "nothing imported: {} bad line(s)\n{}",
+            problems.len(),
+            shown.join("\n")
+        ))
+    })?;
+    if entries.is_empty() && !allow_shrink {
+        return Err(usage(format!(
+            "nothing imported: {} lists no card; importing it would empty the site list (say --allow-shrink if that is what you want)",
+            file.display()
+        )));
+    }
+    let (banned, allowed) = entries.iter().fold((0, 0), |(b, a), (_, e)| match e {
+        id06d::site_list::SiteEntry::Ban => (b + 1, a),
+        id06d::site_list::SiteEntry::Allow => (b, a + 1),
+    });
+    let _ = OPENED.set(config.data_dir.clone());
+    init_logging("warn");
+    let opened = match Store::open(&config.data_dir, &config.terminal_id) {
+        Ok(store) => Some(store),
+        Err(id06d::store::StoreError::InUse(_)) => None,
+        Err(e) => return Err(runtime(e.to_string())),
+    };
+    let (version, was) = match opened {
+        Some(store) => {
+            let list = id06d::site_list::SiteList::open(&store.db, &store.dir)
+                .map_err(|e| runtime(e.to_string()))?;
+            let version = version.unwrap_or(list.index().version + 1);
+            let was = list
+                .replace(&entries, version, UtcMillis::now())
+                .map_err(|e| usage(format!("nothing imported: {e}")))?;
+            (version, was)
+        }
+        None => {
+            // The daemon holds the database: it takes the list and uses it at once.
+            let version = match version {
+                Some(v) => v,
+                None => {
+                    id06d::control::remote_blocklist(&config.data_dir, None)
+                        .map_err(|e| runtime(e.to_string()))?
+                        .site
+                        .version
+                        + 1
+                }
+            };
+            let was = id06d::control::remote_site_list_replace(&config.data_dir, &entries, version)
+                .map_err(|e| runtime(format!("nothing imported: {e}")))?;
+            (version, was)
+        }
+    };
+    println!(
+        "site list version {version} in force (was {was}): {banned} banned, {allowed} allowed, from {}",
+        file.display()
+    );
+    Ok(())
+}
+
+/// How many listed cards an import would take off the list.
+struct Shrink {
+    listed: u64,
+    removed: u64,
+}
+
+fn import_shrink(
+    index: &id06d::blocklist::BlocklistIndex,
+    entries: &[(CardUid, id06_protocol::CardStatus)],
+) -> Shrink {
+    let new: std::collections::HashSet<CardUid> = entries.iter().map(|(u, _)| *u).collect();
+    Shrink {
+        listed: index.len() as u64,
+        removed: index.iter().filter(|(u, _)| !new.contains(u)).count() as u64,
+    }
+}
+
+/// The lists in force, from the database, or from the running daemon that holds it.
 fn blocklist_summary(
     config: &Config,
     card: Option<&CardUid>,
-) -> Result<id06d::blocklist::Summary, Failure> {
+) -> Result<id06d::control::ListsSummary, Failure> {
     match open_store_or_running(config)? {
         Some(store) => {
             let bl = Blocklist::open(&store.db, &store.dir).map_err(|e| runtime(e.to_string()))?;
-            Ok(bl.index().summary(card))
+            let site = id06d::site_list::SiteList::open(&store.db, &store.dir)
+                .map_err(|e| runtime(e.to_string()))?;
+            Ok(id06d::control::ListsSummary {
+                national: bl.index().summary(card),
+                site: id06d::control::SiteSummary::of(&site.index(), card),
+            })
         }
         None => id06d::control::remote_blocklist(&config.data_dir, card)
             .map_err(|e| runtime(e.to_string())),

@@ -11,7 +11,7 @@ use crate::blocklist::Blocklist;
 use crate::clock::clock_synced;
 use crate::config::{DirectionMode, WhenStale};
 use crate::debounce::{Debouncer, Verdict};
-use crate::decide::{decide, toggle_direction};
+use crate::decide::toggle_direction;
 use crate::outbox::{Outbox, ToggleRecord};
 use crate::shared::{Counters, Shared};
 use id06_protocol::{
@@ -62,8 +62,12 @@ pub struct Pipeline {
     pub debouncer: Debouncer,
     /// Where events go.
     pub outbox: Outbox,
-    /// Where decisions come from.
+    /// Where decisions come from: the national list ...
     pub blocklist: Blocklist,
+    /// ... and the site's own list,
+    pub site_list: crate::site_list::SiteList,
+    /// ... with the site's access mode.
+    pub access: crate::config::AccessMode,
     /// `[blocklist] max_age_hours`.
     pub max_age_hours: u64,
     /// `[blocklist] when_stale`.
@@ -229,7 +233,14 @@ impl Pipeline {
     ) -> Pending {
         let index = self.blocklist.index();
         let stale = index.is_stale(occurred_at, self.max_age_hours);
-        let ruling = decide(index.lookup(&uid), stale, self.when_stale);
+        let site = self.site_list.index();
+        let ruling = crate::decide::decide_at_site(
+            index.lookup(&uid),
+            site.lookup(&uid),
+            self.access,
+            stale,
+            self.when_stale,
+        );
         let mode = self
             .readers
             .get(reader)

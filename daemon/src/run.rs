@@ -98,6 +98,7 @@ pub async fn run(
         tracing::error!("{r}");
     }
     let blocklist = Blocklist::open(&store.db, &store.dir)?;
+    let site_list = crate::site_list::SiteList::open(&store.db, &store.dir)?;
     let password = match &config.mqtt.password_file {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -192,6 +193,22 @@ pub async fn run(
         decisions_closed: false,
     };
 
+    // An empty or never-confirmed list decides for everyone: said at start and every hour.
+    let list_watch = {
+        let (blocklist, site_list) = (blocklist.clone(), site_list.clone());
+        let (when_stale, mode) = (config.blocklist.when_stale, config.access.mode);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                every.tick().await;
+                for line in list_warnings(&blocklist.index(), &site_list.index(), when_stale, mode)
+                {
+                    tracing::warn!("{line}");
+                }
+            }
+        })
+    };
+
     // Delivered events are kept `keep_days` for `events export`, then pruned (hourly).
     let keep_ms = i64::from(config.events.keep_days) * 24 * 3600 * 1000;
     let pruner = {
@@ -220,6 +237,7 @@ pub async fn run(
         store.dir.clone(),
         outbox.clone(),
         blocklist.clone(),
+        site_list.clone(),
         control_stop.clone(),
     ));
 
@@ -239,6 +257,8 @@ pub async fn run(
         debouncer: Debouncer::new(config.debounce),
         outbox: outbox.clone(),
         blocklist: blocklist.clone(),
+        site_list: site_list.clone(),
+        access: config.access.mode,
         max_age_hours: config.blocklist.max_age_hours,
         when_stale: config.blocklist.when_stale,
         shared: shared.clone(),
@@ -396,6 +416,7 @@ pub async fn run(
     lists_stop.cancel();
     let _ = sync_task.await;
     pruner.abort();
+    list_watch.abort();
     watcher.abort();
     control_stop.cancel();
     let _ = control.await;
@@ -420,6 +441,33 @@ pub async fn run(
         Some(f) => Err(RunError::Internal(f)),
         None => Ok(()),
     }
+}
+
+/// What the lists in force mean for every card, when that is "everyone passes" or
+/// "everyone is denied".
+pub fn list_warnings(
+    national: &crate::blocklist::BlocklistIndex,
+    site: &crate::site_list::SiteIndex,
+    when_stale: crate::config::WhenStale,
+    mode: crate::config::AccessMode,
+) -> Vec<String> {
+    use crate::config::{AccessMode, WhenStale};
+    let mut out = Vec::new();
+    if national.confirmed_at.is_none() {
+        out.push(match when_stale {
+            WhenStale::Allow => "the national blocklist has never been confirmed (no import, update or snapshot yet): every card passes that the site list does not stop (when_stale = \"allow\"; events carry blocklist_stale = true)".to_string(),
+            WhenStale::Deny => "the national blocklist has never been confirmed (no import, update or snapshot yet): every card is denied (when_stale = \"deny\")".to_string(),
+        });
+    } else if national.is_empty() {
+        out.push(format!(
+            "the national blocklist (version {}) lists no card: every card passes that the site list does not stop",
+            national.version
+        ));
+    }
+    if mode == AccessMode::SiteList && site.counts().1 == 0 {
+        out.push("[access] mode = \"site_list\" but the site's allow list is empty: every card is denied (import one with `id06d site-list import`)".to_string());
+    }
+    out
 }
 
 /// Feeds the systemd watchdog (when `WatchdogSec=` is set) while the work loops make

@@ -16,7 +16,7 @@ pub struct Counters {
     /// Taps granted.
     pub granted: AtomicU64,
     /// Taps denied, by [`DenyReason::ALL`] index.
-    pub denied: [AtomicU64; 5],
+    pub denied: [AtomicU64; DenyReason::ALL.len()],
     /// Events acknowledged by the broker on `P/event`.
     pub delivered: AtomicU64,
     /// Events published again (after a reconnect or restart).

@@ -117,19 +117,25 @@ pub enum DenyReason {
     Suspended,
     /// The card was produced but never activated.
     NotActivated,
-    /// The blocklist is older than `max_age_hours` and `when_stale = "deny"`
-    /// (an addition to the reasons contract §5 lists, for that configuration only).
+    /// The blocklist is older than `max_age_hours` and `when_stale = "deny"` (only on a
+    /// gateway configured so).
     BlocklistStale,
+    /// The card is banned from this site by the site's own list.
+    SiteBanned,
+    /// The gateway admits only the cards on the site's allow list, and this one is not.
+    NotOnSiteList,
 }
 
 impl DenyReason {
     /// Every reason, in a fixed order (used for counters and reports).
-    pub const ALL: [DenyReason; 5] = [
+    pub const ALL: [DenyReason; 7] = [
         DenyReason::Blocked,
         DenyReason::Terminated,
         DenyReason::Suspended,
         DenyReason::NotActivated,
         DenyReason::BlocklistStale,
+        DenyReason::SiteBanned,
+        DenyReason::NotOnSiteList,
     ];
 
     /// The wire spelling.
@@ -140,6 +146,8 @@ impl DenyReason {
             DenyReason::Suspended => "suspended",
             DenyReason::NotActivated => "not_activated",
             DenyReason::BlocklistStale => "blocklist_stale",
+            DenyReason::SiteBanned => "site_banned",
+            DenyReason::NotOnSiteList => "not_on_site_list",
         }
     }
 }

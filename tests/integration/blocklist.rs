@@ -6,12 +6,12 @@ use id06_protocol::Event;
 use std::path::Path;
 use std::time::Duration;
 
-const A: &str = "04A10000000A0A";
-const B: &str = "04A10000000B0B";
-const C: &str = "04A10000000C0C";
+pub(crate) const A: &str = "04A10000000A0A";
+pub(crate) const B: &str = "04A10000000B0B";
+pub(crate) const C: &str = "04A10000000C0C";
 
 /// A reader that presents A, B and C in turn, a new tap every 300 ms, for two minutes.
-fn ticker_config(dir: &Path, url: &str, extra: &str) -> TestConfig {
+pub(crate) fn ticker_config(dir: &Path, url: &str, extra: &str) -> TestConfig {
     let mut script = String::new();
     for k in 0..400u32 {
         let card = [A, B, C][(k % 3) as usize];
@@ -32,7 +32,7 @@ fn ticker_config(dir: &Path, url: &str, extra: &str) -> TestConfig {
 }
 
 /// Waits for an event for `card` decided with blocklist version `version`.
-fn decision_at(sub: &Subscriber, p: &str, card: &str, version: u64) -> Event {
+pub(crate) fn decision_at(sub: &Subscriber, p: &str, card: &str, version: u64) -> Event {
     let mut found = None;
     wait_for(
         &format!("a tap of {card} decided with blocklist version {version}"),
@@ -48,7 +48,7 @@ fn decision_at(sub: &Subscriber, p: &str, card: &str, version: u64) -> Event {
     found.unwrap()
 }
 
-fn status_where(
+pub(crate) fn status_where(
     sub: &Subscriber,
     p: &str,
     what: &str,
@@ -62,7 +62,7 @@ fn status_where(
     last.unwrap()
 }
 
-fn write_update(
+pub(crate) fn write_update(
     dir: &Path,
     name: &str,
     from: u64,
@@ -85,13 +85,13 @@ fn write_update(
     p.to_str().unwrap().to_string()
 }
 
-fn cli_ok(args: &[&str]) -> String {
+pub(crate) fn cli_ok(args: &[&str]) -> String {
     let (code, out, err) = id06d(args);
     assert_eq!(code, 0, "id06d {args:?} failed: {err}");
     out
 }
 
-fn count(log: &str, needle: &str) -> usize {
+pub(crate) fn count(log: &str, needle: &str) -> usize {
     log.matches(needle).count()
 }
 

@@ -5,6 +5,7 @@ mod blocklist;
 mod cli;
 mod faults;
 mod identity;
+mod inputs;
 mod ops;
 mod pcsc;
 mod pipeline;

@@ -153,6 +153,11 @@ impl Daemon {
         }
     }
 
+    /// Its process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Its exit code once it has exited on its own (`None` while it runs, or for a signal).
     pub fn exit_code(&mut self) -> Option<i32> {
         self.child
@@ -321,6 +326,51 @@ pub fn publish_raw(port: u16, topic: &str, payload: Vec<u8>, retain: bool) {
         }
     }
     let _ = client.disconnect();
+}
+
+/// Publishes `messages` (topic, payload, retain) with QoS 1 on one connection, as fast as
+/// the broker takes them, and waits until every one is acknowledged.
+pub fn publish_many(port: u16, messages: Vec<(String, Vec<u8>, bool)>) {
+    let mut o = MqttOptions::new(format!("burst-{}", std::process::id()), "127.0.0.1", port);
+    o.set_max_packet_size(64 << 20, 64 << 20);
+    o.set_inflight(100);
+    let (client, mut connection) = Client::new(o, 1000);
+    let total = messages.len();
+    let feeder = std::thread::spawn(move || {
+        for (topic, payload, retain) in messages {
+            client
+                .publish(topic, QoS::AtLeastOnce, retain, payload)
+                .expect("queue the publish");
+        }
+        client
+    });
+    let mut acked = 0;
+    for event in connection.iter() {
+        match event {
+            Ok(MqttEvent::Incoming(Packet::PubAck(_))) => {
+                acked += 1;
+                if acked == total {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => panic!("publishing failed after {acked} of {total}: {e}"),
+        }
+    }
+    if let Ok(client) = feeder.join() {
+        let _ = client.disconnect();
+    }
+}
+
+/// The peak resident memory of a process, in bytes (VmHWM).
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// A tmpfs mounted on a fresh directory for one test (needs root, as CI and the README's
