@@ -795,7 +795,7 @@ fn every_payload_of_a_real_run_matches_its_schema() {
         &keyless,
         std::fs::read_to_string(&config.path)
             .unwrap()
-            .replace(&public, ""),
+            .replace(public, ""),
     )
     .unwrap();
     cli_ok(&[
