@@ -184,6 +184,10 @@ impl ListSession {
                     ] {
                         let _ = client.subscribe(topic, QoS::AtLeastOnce).await;
                     }
+                    // The session may still hold a chunk subscription from before a restart.
+                    if !self.sync.wants_chunks() {
+                        let _ = client.unsubscribe(chunk_topic.clone()).await;
+                    }
                 }
                 Some(Polled::Message(p)) => {
                     let topic = String::from_utf8_lossy(&p.topic).into_owned();
