@@ -14,6 +14,7 @@ PACKAGES=(
   socat libnfc-bin                     # ptys and libnfc's reference host for the PN532 tests
   systemd binutils lintian             # systemd-analyze for the unit; objdump, strip, lintian for the .deb
   openssl ca-certificates              # certificates made by the TLS tests; the system CA bundle
+  faketime                             # events dated in the past for the retention tests
 )
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }

@@ -106,7 +106,7 @@ impl Staging {
 /// counted and summed up in one line when the minute is over (a flood of garbage must not
 /// flood the journal).
 #[derive(Debug)]
-struct Quiet {
+pub(crate) struct Quiet {
     window: Instant,
     said: u32,
     held_back: u64,
@@ -115,7 +115,7 @@ struct Quiet {
 impl Quiet {
     const PER_MINUTE: u32 = 20;
 
-    fn new() -> Quiet {
+    pub(crate) fn new() -> Quiet {
         Quiet {
             window: Instant::now(),
             said: 0,
@@ -123,7 +123,7 @@ impl Quiet {
         }
     }
 
-    fn warn(&mut self, line: &str) {
+    pub(crate) fn warn(&mut self, line: &str) {
         if self.window.elapsed() >= Duration::from_secs(60) {
             if self.held_back > 0 {
                 tracing::warn!(

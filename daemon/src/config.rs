@@ -40,6 +40,8 @@ struct RawConfig {
     blocklist: BlocklistSettings,
     #[serde(default)]
     access: AccessSettings,
+    #[serde(default)]
+    ledger: LedgerSettings,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -160,6 +162,26 @@ pub enum AccessMode {
     Open,
     /// Only the cards on the site's allow list (and not denied by the national list).
     SiteList,
+}
+
+/// `[ledger]`: what the ledger confirms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerSettings {
+    /// The ledger confirms what it stored on `P/ack`; events are kept and sent again until
+    /// it does.
+    pub confirm: bool,
+    /// An event not confirmed this long after it was last sent is sent again.
+    pub resend_after_s: u64,
+}
+
+impl Default for LedgerSettings {
+    fn default() -> Self {
+        LedgerSettings {
+            confirm: false,
+            resend_after_s: 60,
+        }
+    }
 }
 
 /// `[access]`.
@@ -309,6 +331,8 @@ pub struct Config {
     pub blocklist: BlocklistSettings,
     /// `[access]`: what the site's own list does.
     pub access: AccessSettings,
+    /// `[ledger]`: confirmation by the ledger.
+    pub ledger: LedgerSettings,
 }
 
 /// Where a byte offset lies: 1-based line and column.
@@ -523,6 +547,9 @@ impl Config {
         if raw.blocklist.max_age_hours == 0 {
             return Err(loc.whole("[blocklist] max_age_hours must be more than 0"));
         }
+        if raw.ledger.resend_after_s == 0 || raw.ledger.resend_after_s > 86_400 {
+            return Err(loc.whole("[ledger] resend_after_s must be between 1 and 86400"));
+        }
         if raw.blocklist.import_max_shrink_percent > 100 {
             return Err(
                 loc.whole("[blocklist] import_max_shrink_percent must be between 0 and 100")
@@ -648,6 +675,7 @@ impl Config {
             metrics_listen,
             blocklist: raw.blocklist,
             access: raw.access,
+            ledger: raw.ledger,
         })
     }
 
@@ -762,6 +790,11 @@ impl Config {
                 );
             }
         }
+        let _ = writeln!(
+            s,
+            "\n[ledger]\nconfirm        = {}\nresend_after_s = {}",
+            self.ledger.confirm, self.ledger.resend_after_s
+        );
         let _ = writeln!(
             s,
             "\n[access]\nmode = {}",

@@ -86,6 +86,9 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 pub struct ExportedEvent {
     /// Whether the broker has acknowledged it.
     pub delivered: bool,
+    /// Whether the ledger confirmed it stored it.
+    #[serde(default)]
+    pub stored_by_ledger: bool,
     /// The event.
     pub event: Event,
 }
@@ -105,6 +108,12 @@ pub struct RemoteStats {
     pub last_seq: u64,
     /// Events kept for export.
     pub archived: u64,
+    /// The seq of the stream up to which the ledger confirmed everything.
+    #[serde(default)]
+    pub confirmed_seq: u64,
+    /// Events not confirmed by the ledger.
+    #[serde(default)]
+    pub unconfirmed: u64,
 }
 
 impl From<OutboxStats> for RemoteStats {
@@ -116,6 +125,8 @@ impl From<OutboxStats> for RemoteStats {
             stream: s.stream,
             last_seq: s.last_seq,
             archived: s.archived,
+            confirmed_seq: s.confirmed_seq,
+            unconfirmed: s.unconfirmed,
         }
     }
 }
@@ -128,6 +139,8 @@ impl From<RemoteStats> for OutboxStats {
             stream: s.stream,
             last_seq: s.last_seq,
             archived: s.archived,
+            confirmed_seq: s.confirmed_seq,
+            unconfirmed: s.unconfirmed,
         }
     }
 }
@@ -208,9 +221,12 @@ async fn answer(
                 let events = tokio::task::spawn_blocking(move || {
                     outbox.events_since(UtcMillis(ms)).map(|events| {
                         let mut out = Vec::new();
-                        for (event, delivered) in events {
-                            if let Ok(mut line) =
-                                serde_json::to_vec(&ExportedEvent { delivered, event })
+                        for (event, delivered, stored_by_ledger) in events {
+                            if let Ok(mut line) = serde_json::to_vec(&ExportedEvent {
+                                delivered,
+                                stored_by_ledger,
+                                event,
+                            })
                             {
                                 line.push(b'\n');
                                 out.extend_from_slice(&line);
@@ -389,12 +405,12 @@ fn ask_with(data_dir: &Path, request: &str, body: &[u8]) -> Result<Vec<String>, 
 pub fn remote_events_since(
     data_dir: &Path,
     since: UtcMillis,
-) -> Result<Vec<(Event, bool)>, ControlError> {
+) -> Result<Vec<(Event, bool, bool)>, ControlError> {
     ask(data_dir, &format!("events-since {}", since.0))?
         .iter()
         .map(|line| {
             serde_json::from_str::<ExportedEvent>(line)
-                .map(|e| (e.event, e.delivered))
+                .map(|e| (e.event, e.delivered, e.stored_by_ledger))
                 .map_err(|e| {
                     ControlError::Refused(format!("an event line this build cannot read: {e}"))
                 })

@@ -44,6 +44,7 @@ pub mod decide;
 pub mod demo;
 pub mod diskguard;
 pub mod index;
+pub mod ledger_inbox;
 pub mod list_session;
 pub mod mark;
 pub mod metrics;

@@ -23,8 +23,9 @@
 //!
 //! The session is persistent (clean start off, a session expiry of [`SESSION_EXPIRY`]),
 //! under the client id `{client_id}-lists`, so updates published while the gateway was
-//! offline arrive when it is back. It subscribes to the updates and the manifest, and to the
-//! chunk topics only while a snapshot is being collected.
+//! offline arrive when it is back. It subscribes to the updates and the manifest, to the
+//! chunk topics only while a snapshot is being collected, and to the ledger's `P/ack` and
+//! `P/replay` ([`crate::ledger_inbox`]).
 
 use crate::blocklist_sync::{BlocklistSync, Incoming};
 use crate::config::MqttSettings;
@@ -58,8 +59,10 @@ pub struct ListSession {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Topic names.
     pub topics: Topics,
-    /// Where the messages go.
+    /// Where the lists go.
     pub sync: BlocklistSync,
+    /// Where the ledger's confirmations and replay requests go.
+    pub ledger: crate::ledger_inbox::LedgerInbox,
     /// Cancelled when the daemon stops.
     pub shutdown: CancellationToken,
 }
@@ -164,6 +167,7 @@ impl ListSession {
         });
         let mut connected = false;
         let mut chunks_on = false;
+        let mut quiet = crate::blocklist_sync::Quiet::new();
         let chunk_topic = format!("{}/+", self.topics.blocklist_snapshot());
         let end = loop {
             let polled = tokio::select! {
@@ -181,6 +185,8 @@ impl ListSession {
                     for topic in [
                         self.topics.blocklist_update(),
                         self.topics.blocklist_snapshot(),
+                        self.topics.ack(),
+                        self.topics.replay(),
                     ] {
                         let _ = client.subscribe(topic, QoS::AtLeastOnce).await;
                     }
@@ -191,7 +197,15 @@ impl ListSession {
                 }
                 Some(Polled::Message(p)) => {
                     let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                    if let Some(input) = self.route(&topic, p.payload.to_vec()) {
+                    if topic == self.topics.ack() {
+                        if let Err(line) = self.ledger.ack(&p.payload).await {
+                            quiet.warn(&line);
+                        }
+                    } else if topic == self.topics.replay() {
+                        if let Err(line) = self.ledger.replay(&p.payload) {
+                            quiet.warn(&line);
+                        }
+                    } else if let Some(input) = self.route(&topic, p.payload.to_vec()) {
                         self.sync.handle(input).await;
                     }
                 }

@@ -376,6 +376,10 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             println!("stream:         {}", stats.stream);
             println!("last seq:       {} (in this stream)", stats.last_seq);
             println!("archived:       {} events kept for export", stats.archived);
+            println!(
+                "ledger:         confirmed up to seq {} of this stream; {} events not confirmed",
+                stats.confirmed_seq, stats.unconfirmed
+            );
             Ok(())
         }
         Command::Events {
@@ -420,21 +424,21 @@ fn stockholm() -> jiff::tz::TimeZone {
     jiff::tz::TimeZone::get("Europe/Stockholm").unwrap_or(jiff::tz::TimeZone::UTC)
 }
 
-fn export(events: &[(id06_protocol::Event, bool)], format: Format) -> std::io::Result<()> {
+fn export(events: &[(id06_protocol::Event, bool, bool)], format: Format) -> std::io::Result<()> {
     use std::io::Write;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     match format {
         Format::Json => {
-            for (e, _) in events {
+            for (e, _, _) in events {
                 out.write_all(&e.to_json())?;
                 out.write_all(b"\n")?;
             }
         }
         Format::Csv => {
             let tz = stockholm();
-            writeln!(out, "event_id,seq,local_time,occurred_at_utc,reader,direction,card_uid,card_status,decision,reason,delivered")?;
-            for (e, delivered) in events {
+            writeln!(out, "event_id,seq,local_time,occurred_at_utc,reader,direction,card_uid,card_status,decision,reason,acked_by_broker,stored_by_ledger")?;
+            for (e, delivered, stored) in events {
                 let local = e
                     .occurred_at
                     .to_timestamp()
@@ -443,7 +447,7 @@ fn export(events: &[(id06_protocol::Event, bool)], format: Format) -> std::io::R
                     .to_string();
                 writeln!(
                     out,
-                    "{},{},{},{},{},{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{},{},{},{},{},{}",
                     e.event_id,
                     e.seq,
                     local,
@@ -457,7 +461,8 @@ fn export(events: &[(id06_protocol::Event, bool)], format: Format) -> std::io::R
                         id06_protocol::Decision::Denied => "denied",
                     },
                     e.reason.map_or("", |r| r.as_str()),
-                    if *delivered { "yes" } else { "no" }
+                    if *delivered { "yes" } else { "no" },
+                    if *stored { "yes" } else { "no" }
                 )?;
             }
         }

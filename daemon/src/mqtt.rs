@@ -19,7 +19,7 @@ use crate::clock::clock_synced;
 use crate::config::MqttSettings;
 use crate::outbox::Outbox;
 use crate::shared::{Counters, Shared};
-use id06_protocol::{GatewayStatus, Topics, UtcMillis};
+use id06_protocol::{Event, GatewayStatus, Topics, UtcMillis};
 use rumqttc::{
     AsyncClient, ConnectionError, Event as MqttEvent, EventLoop, LastWill, MqttOptions, Outgoing,
     Packet, QoS,
@@ -79,11 +79,48 @@ pub struct MqttTask {
     pub drain_timeout: Duration,
     /// Set once `decisions` has closed (the pipeline stopped).
     pub decisions_closed: bool,
+    /// `[ledger]`.
+    pub ledger: crate::config::LedgerSettings,
+    /// Replays the ledger asked for (from the list session).
+    pub replays: mpsc::Receiver<ReplayRequest>,
+    /// With `confirm`: events the broker acknowledged and the ledger has not confirmed,
+    /// with when they were last sent (kept across reconnects; empty at start).
+    pub sent_at: std::collections::BTreeMap<u64, Instant>,
+    /// Replays being served (empty at start).
+    pub replay_jobs: VecDeque<ReplayJob>,
 }
+
+/// A range of events the ledger asked for again on `P/replay` (already checked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayRequest {
+    /// The stream.
+    pub stream: id06_protocol::StreamId,
+    /// The first seq.
+    pub from_seq: u64,
+    /// The last seq.
+    pub to_seq: u64,
+}
+
+/// A replay being served.
+pub struct ReplayJob {
+    request: ReplayRequest,
+    /// The next seq to send.
+    next: u64,
+    sent: u64,
+    missing: Vec<(u64, u64)>,
+}
+
+/// Replayed events sent per second at most, and in flight at most: a replay of any size
+/// cannot starve new taps.
+const REPLAY_PER_SECOND: u32 = 500;
+const REPLAY_IN_FLIGHT: usize = 32;
+/// Replays waiting at most; more are refused with a log line.
+pub const REPLAYS_QUEUED: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tag {
     Event(u64),
+    Replay,
     Other,
 }
 
@@ -94,13 +131,17 @@ struct Window {
     /// Tags of the publishes handed to rumqttc, in order, waiting for their pkid.
     unassigned: VecDeque<Tag>,
     /// Event publishes sent, by packet id.
-    by_pkid: HashMap<u16, u64>,
+    by_pkid: HashMap<u16, Tag>,
     /// Events published and not yet acknowledged.
     in_flight: usize,
     /// Acknowledged events not yet removed from the outbox.
     acked: Vec<u64>,
     /// Events read from the outbox and not yet published (position, JSON).
     ahead: VecDeque<(u64, Vec<u8>)>,
+    /// Positions published and not yet acknowledged (so a resend never sends one twice).
+    flying: std::collections::HashSet<u64>,
+    /// Replayed events in flight.
+    replay_in_flight: usize,
 }
 
 enum End {
@@ -150,6 +191,12 @@ impl MqttTask {
             blocklist_version: index.version,
             blocklist_age_s: index.age_s(now),
             outbox_depth: self.outbox.depth(),
+            ledger_confirmed_seq: self
+                .ledger
+                .confirm
+                .then(|| self.outbox.confirmed_seq(&self.outbox.stream()).ok())
+                .flatten(),
+            ledger_unconfirmed: self.ledger.confirm.then(|| self.outbox.unconfirmed()),
             clock_synced: clock_synced(),
             blocklist_stale: index.is_stale(now, self.max_age_hours),
             blocklist_gap: self.shared.blocklist_gap.lock().ok().and_then(|g| *g),
@@ -166,6 +213,15 @@ impl MqttTask {
 
     /// Runs until shutdown. Never returns early: a broker that is away is waited for.
     pub async fn run(mut self) {
+        if self.ledger.confirm {
+            // Events acknowledged by the broker before this start and not confirmed: sent
+            // again `resend_after_s` from now unless the ledger confirms them.
+            let now = Instant::now();
+            match self.outbox.unconfirmed_sent(0, usize::MAX) {
+                Ok(positions) => self.sent_at.extend(positions.into_iter().map(|p| (p, now))),
+                Err(e) => tracing::warn!("cannot read the unconfirmed events: {e}"),
+            }
+        }
         let mut backoff = BACKOFF_MIN;
         let mut failing_since: Option<Instant> = None;
         let mut max_published: u64 = 0;
@@ -227,8 +283,18 @@ impl MqttTask {
             in_flight: 0,
             acked: Vec::with_capacity(ACK_BATCH),
             ahead: VecDeque::new(),
+            flying: std::collections::HashSet::new(),
+            replay_in_flight: 0,
         };
         let mut next_status = Instant::now() + STATUS_EVERY;
+        let mut ledger_tick = tokio::time::interval(Duration::from_millis(100));
+        ledger_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut ticks: u64 = 0;
+        let mut replay_tokens: u32 = 0;
+        let mut confirmed_shown = self
+            .outbox
+            .confirmed_seq(&self.outbox.stream())
+            .unwrap_or(0);
         let mut drain_deadline: Option<Instant> = None;
         loop {
             let hb = &self.shared.heartbeat;
@@ -259,12 +325,17 @@ impl MqttTask {
                             // to open a door now (their events are in the outbox); those of
                             // the last moments (a tap while connecting) still go out.
                             let mut fresh = Vec::new();
+                            let mut late = 0u64;
                             while let Ok(d) = self.decisions.try_recv() {
                                 if d.at.elapsed() <= DECISION_FRESH {
                                     fresh.push(d);
                                 } else {
+                                    late += 1;
                                     Counters::bump(&self.shared.counters.decisions_dropped);
                                 }
+                            }
+                            if late > 0 {
+                                tracing::warn!(late, "{late} decisions made while the broker was out of reach are not published (too late for a door); their events are in the outbox and follow on P/event");
                             }
                             tracing::info!(broker = %self.settings.url, session_present = ack.session_present, outbox_depth = self.outbox.depth(), "connected to the MQTT broker");
                             window.next = match self.outbox.first_pending() {
@@ -289,7 +360,7 @@ impl MqttTask {
                         }
                         Ok(MqttEvent::Outgoing(Outgoing::Publish(pkid))) => {
                             match window.unassigned.pop_front() {
-                                Some(Tag::Event(pos)) => { window.by_pkid.insert(pkid, pos); }
+                                Some(tag @ (Tag::Event(_) | Tag::Replay)) => { window.by_pkid.insert(pkid, tag); }
                                 Some(Tag::Other) => {}
                                 None => tracing::debug!(pkid, "a publish went out that we did not tag"),
                             }
@@ -299,14 +370,24 @@ impl MqttTask {
                             tracing::debug!(topic = %p.topic, "a message on the publishing session; ignored");
                         }
                         Ok(MqttEvent::Incoming(Packet::PubAck(ack))) => {
-                            if let Some(pos) = window.by_pkid.remove(&ack.pkid) {
-                                window.in_flight = window.in_flight.saturating_sub(1);
-                                window.acked.push(pos);
-                                // Remove acknowledged events in batches; at once when idle.
-                                if window.acked.len() >= ACK_BATCH || window.in_flight == 0 {
-                                    self.flush_acks(&mut window);
+                            match window.by_pkid.remove(&ack.pkid) {
+                                Some(Tag::Event(pos)) => {
+                                    window.in_flight = window.in_flight.saturating_sub(1);
+                                    window.flying.remove(&pos);
+                                    window.acked.push(pos);
+                                    if self.ledger.confirm {
+                                        self.sent_at.insert(pos, Instant::now());
+                                    }
+                                    // Remove acknowledged events in batches; at once when idle.
+                                    if window.acked.len() >= ACK_BATCH || window.in_flight == 0 {
+                                        self.flush_acks(&mut window);
+                                    }
+                                    self.fill(client, &mut window, max_published);
                                 }
-                                self.fill(client, &mut window, max_published);
+                                Some(Tag::Replay) => {
+                                    window.replay_in_flight = window.replay_in_flight.saturating_sub(1);
+                                }
+                                _ => {}
                             }
                         }
                         Ok(_) => {}
@@ -355,6 +436,27 @@ impl MqttTask {
                         }
                         self.fill(client, &mut window, max_published);
                     }
+                }
+                request = self.replays.recv(), if connected && self.replay_jobs.len() < REPLAYS_QUEUED => {
+                    if let Some(request) = request {
+                        tracing::info!(stream = %request.stream, from_seq = request.from_seq, to_seq = request.to_seq, "replaying events the ledger asked for");
+                        self.replay_jobs.push_back(ReplayJob { next: request.from_seq, request, sent: 0, missing: Vec::new() });
+                    }
+                }
+                _ = ledger_tick.tick(), if connected && drain_deadline.is_none() => {
+                    ticks += 1;
+                    if self.ledger.confirm && ticks % 10 == 0 {
+                        self.resend_unconfirmed(&mut window);
+                        self.fill(client, &mut window, max_published);
+                        // The confirmed seq on P/status, at most once a second.
+                        let confirmed = self.outbox.confirmed_seq(&self.outbox.stream()).unwrap_or(confirmed_shown);
+                        if confirmed != confirmed_shown {
+                            confirmed_shown = confirmed;
+                            self.publish_other(client, &mut window, self.topics.status(), self.status_payload(), true);
+                        }
+                    }
+                    replay_tokens = (replay_tokens + REPLAY_PER_SECOND / 10).min(REPLAY_PER_SECOND);
+                    self.serve_replays(client, &mut window, &mut replay_tokens);
                 }
                 _ = tokio::time::sleep_until(next_status) => {
                     next_status = Instant::now() + STATUS_EVERY;
@@ -465,6 +567,9 @@ impl MqttTask {
             let Some((pos, payload)) = window.ahead.pop_front() else {
                 return;
             };
+            if window.flying.contains(&pos) {
+                continue; // already on its way (a resend moved `next` back past it)
+            }
             if client
                 .try_publish(self.topics.event(), QoS::AtLeastOnce, false, payload)
                 .is_err()
@@ -475,11 +580,130 @@ impl MqttTask {
                 return;
             }
             window.unassigned.push_back(Tag::Event(pos));
+            window.flying.insert(pos);
             window.in_flight += 1;
             if pos <= *max_published {
                 Counters::bump(&self.shared.counters.redelivered);
             }
             *max_published = (*max_published).max(pos);
+        }
+    }
+
+    /// With `[ledger] confirm`: puts the events the ledger has not confirmed within
+    /// `resend_after_s` of their last sending back into the outbox, so they go out again
+    /// in order.
+    fn resend_unconfirmed(&mut self, window: &mut Window) {
+        let after = Duration::from_secs(self.ledger.resend_after_s);
+        let now = Instant::now();
+        let due: Vec<u64> = self
+            .sent_at
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) >= after)
+            .map(|(pos, _)| *pos)
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let mut again = Vec::with_capacity(due.len());
+        for pos in due {
+            self.sent_at.remove(&pos);
+            match self.outbox.is_unconfirmed(pos) {
+                Ok(true) => again.push(pos),
+                Ok(false) => {}
+                Err(e) => tracing::warn!("cannot read the outbox: {e}"),
+            }
+        }
+        let Some(&first) = again.first() else { return };
+        match self.outbox.repend(&again) {
+            Ok(n) => {
+                tracing::info!(
+                    events = n,
+                    from_position = first,
+                    "sending again events the ledger has not confirmed within resend_after_s"
+                );
+                window.next = window.next.min(first);
+                window.ahead.clear();
+            }
+            Err(e) => tracing::warn!("cannot put unconfirmed events back into the outbox: {e}"),
+        }
+    }
+
+    /// Sends replayed events within the replay budget (live events first), and the result
+    /// of each finished replay on `P/replay/result`.
+    fn serve_replays(&mut self, client: &AsyncClient, window: &mut Window, tokens: &mut u32) {
+        while *tokens > 0
+            && window.replay_in_flight < REPLAY_IN_FLIGHT
+            && window.in_flight < WINDOW / 2
+        {
+            let done = match self.replay_jobs.front() {
+                None => return,
+                Some(job) => job.next > job.request.to_seq,
+            };
+            if done {
+                if let Some(ReplayJob {
+                    request,
+                    sent,
+                    missing,
+                    ..
+                }) = self.replay_jobs.pop_front()
+                {
+                    let result = serde_json::json!({
+                        "stream": request.stream,
+                        "from_seq": request.from_seq,
+                        "to_seq": request.to_seq,
+                        "sent": sent,
+                        "missing": missing,
+                    });
+                    tracing::info!(stream = %request.stream, from_seq = request.from_seq, to_seq = request.to_seq, sent, missing = missing.len(), "replay done");
+                    self.publish_other(
+                        client,
+                        window,
+                        self.topics.replay_result(),
+                        result.to_string().into_bytes(),
+                        false,
+                    );
+                }
+                continue;
+            }
+            let Some(job) = self.replay_jobs.front_mut() else {
+                return;
+            };
+            let room = (*tokens as usize).min(REPLAY_IN_FLIGHT - window.replay_in_flight);
+            let read =
+                self.outbox
+                    .archived_range(&job.request.stream, job.next, job.request.to_seq, room);
+            let (found, missing) = match read {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    // Checked when it came in; the stream cannot disappear. Drop the job.
+                    job.missing.push((job.next, job.request.to_seq));
+                    job.next = job.request.to_seq + 1;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("cannot read the archive for a replay: {e}");
+                    return;
+                }
+            };
+            job.missing.extend(missing);
+            if found.is_empty() {
+                job.next = job.request.to_seq + 1;
+                continue;
+            }
+            for (_, payload) in found {
+                let seq = Event::from_json(&payload).map(|e| e.seq).unwrap_or(0);
+                if client
+                    .try_publish(self.topics.event(), QoS::AtLeastOnce, false, payload)
+                    .is_err()
+                {
+                    return; // rumqttc's queue is full: the rest next time
+                }
+                window.unassigned.push_back(Tag::Replay);
+                window.replay_in_flight += 1;
+                *tokens = tokens.saturating_sub(1);
+                job.sent += 1;
+                job.next = seq.max(job.next) + 1;
+            }
         }
     }
 

@@ -9,8 +9,13 @@
 //! | ------------------------- | --------------------------------------- |
 //! | `e` + position (u64 BE)   | the event's JSON, kept `keep_days`      |
 //! | `p` + position (u64 BE)   | empty: not yet acknowledged by broker   |
+//! | `u` + position (u64 BE)   | empty: not yet confirmed by the ledger  |
+//! | `c` + stream (16 bytes)   | the seq the ledger confirmed (u64 BE)   |
 //! | `t` + card UID bytes      | toggle state: direction byte, ms (BE)   |
 //! | `m/last_seq`              | the highest position ever written       |
+//!
+//! `u` markers exist only with `[ledger] confirm = true`: an event then stays in the archive
+//! (and is sent again) until the ledger confirms it on `P/ack`, whatever the broker did.
 //!
 //! One tap's writes (and a whole burst's) are one record in the write-ahead log
 //! ([`crate::wal`]), synced with one `fdatasync` (a group commit); that is the durability
@@ -40,6 +45,8 @@ pub const ACKS_NAME: &str = "outbox.acks";
 
 const EVENT: u8 = b'e';
 const PENDING: u8 = b'p';
+const UNCONFIRMED: u8 = b'u';
+const CONFIRMED: u8 = b'c';
 const TOGGLE: u8 = b't';
 const LAST_SEQ: &[u8] = b"m/last_seq";
 
@@ -86,6 +93,27 @@ pub struct ToggleRecord {
     pub at_ms: i64,
 }
 
+/// Why a ledger confirmation was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfirmError {
+    /// Not a stream of this data directory.
+    #[error("stream {0} is not one of this terminal's streams")]
+    UnknownStream(StreamId),
+    /// More than was ever recorded in that stream.
+    #[error("seq {seq} of stream {stream} was never recorded (the stream ends at seq {last})")]
+    Beyond {
+        /// The stream.
+        stream: StreamId,
+        /// What was confirmed.
+        seq: u64,
+        /// What the stream holds.
+        last: u64,
+    },
+    /// The database refused.
+    #[error("{0}")]
+    Store(String),
+}
+
 /// Outbox depth and age, for `outbox stats` and `P/status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutboxStats {
@@ -99,6 +127,10 @@ pub struct OutboxStats {
     pub last_seq: u64,
     /// Events kept in the archive (delivered or not).
     pub archived: u64,
+    /// The seq of the current stream up to which the ledger confirmed it stored everything.
+    pub confirmed_seq: u64,
+    /// Events the ledger has not confirmed yet (with `[ledger] confirm = true`).
+    pub unconfirmed: u64,
 }
 
 /// The log and the mark: changed together, under one lock, by commits and checkpoints.
@@ -121,6 +153,12 @@ pub struct Outbox {
     applying: Arc<Mutex<()>>,
     /// Acknowledgements since the last checkpoint (see [`AckLog`]).
     acks: Arc<Mutex<AckLog>>,
+    /// `[ledger] confirm`: keep events until the ledger confirms them.
+    confirm: Arc<std::sync::atomic::AtomicBool>,
+    /// Events not yet confirmed by the ledger.
+    unconfirmed: Arc<AtomicU64>,
+    /// Every stream of this data directory and its base position, oldest first.
+    streams: Arc<Vec<(StreamId, u64)>>,
 }
 
 /// The highest position sled knows: `m/last_seq`, or the last archived event.
@@ -257,6 +295,12 @@ impl Outbox {
             item.map_err(sled_err)?;
             depth += 1;
         }
+        let mut unconfirmed = 0u64;
+        for item in j.scan_prefix([UNCONFIRMED]) {
+            item.map_err(sled_err)?;
+            unconfirmed += 1;
+        }
+        let streams = store.streams()?;
         let outbox = Outbox {
             store: store.clone(),
             stream,
@@ -266,6 +310,9 @@ impl Outbox {
             logs: Arc::new(Mutex::new(Logs { wal, mark })),
             applying: Arc::new(Mutex::new(())),
             acks: Arc::new(Mutex::new(acks)),
+            confirm: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            unconfirmed: Arc::new(AtomicU64::new(unconfirmed)),
+            streams: Arc::new(streams),
         };
         outbox.checkpoint()?;
         Ok(outbox)
@@ -337,6 +384,7 @@ impl Outbox {
             return Ok(Vec::new());
         }
         let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        let confirm = self.confirm.load(Ordering::Acquire);
         let mut pos = self.last_pos();
         let mut recorded = Vec::with_capacity(events.len());
         let mut inserts: Vec<Insert> = Vec::with_capacity(events.len() * 2 + toggles.len() + 1);
@@ -352,6 +400,9 @@ impl Outbox {
             // the event.
             inserts.push((key(EVENT, pos).to_vec(), e.to_json()));
             inserts.push((key(PENDING, pos).to_vec(), Vec::new()));
+            if confirm {
+                inserts.push((key(UNCONFIRMED, pos).to_vec(), Vec::new()));
+            }
             recorded.push((pos, e));
         }
         for t in toggles {
@@ -377,6 +428,10 @@ impl Outbox {
         on_durable(&recorded);
         self.depth
             .fetch_add(recorded.len() as u64, Ordering::AcqRel);
+        if confirm {
+            self.unconfirmed
+                .fetch_add(recorded.len() as u64, Ordering::AcqRel);
+        }
         // One insert at a time, not a sled batch (the log record already makes them all
         // or nothing; a batch would make sled write its buffer out beside every commit).
         for (k, v) in &inserts {
@@ -564,6 +619,188 @@ impl Outbox {
         Ok(v.and_then(|v| Event::from_json(&v).ok()))
     }
 
+    /// `[ledger] confirm`: from now on, recorded events wait for the ledger's confirmation.
+    pub fn set_ledger_confirm(&self, on: bool) {
+        self.confirm.store(on, Ordering::Release);
+    }
+
+    /// Whether events wait for the ledger's confirmation.
+    pub fn ledger_confirm(&self) -> bool {
+        self.confirm.load(Ordering::Acquire)
+    }
+
+    /// Events the ledger has not confirmed yet.
+    pub fn unconfirmed(&self) -> u64 {
+        self.unconfirmed.load(Ordering::Acquire)
+    }
+
+    /// Whether `stream` is one of this data directory's streams.
+    pub fn knows_stream(&self, stream: &StreamId) -> bool {
+        self.streams.iter().any(|(s, _)| s == stream)
+    }
+
+    /// A stream's positions: its base and its last position.
+    fn span(&self, stream: &StreamId) -> Option<(u64, u64)> {
+        let i = self.streams.iter().position(|(s, _)| s == stream)?;
+        let base = self.streams[i].1;
+        let last = self
+            .streams
+            .get(i + 1)
+            .map_or_else(|| self.last_pos(), |(_, next)| *next);
+        Some((base, last))
+    }
+
+    /// The seq of `stream` up to which the ledger confirmed it stored everything.
+    pub fn confirmed_seq(&self, stream: &StreamId) -> Result<u64, StoreError> {
+        let mut k = vec![CONFIRMED];
+        k.extend_from_slice(stream.as_bytes());
+        Ok(self
+            .store
+            .journal
+            .get(k)
+            .map_err(|e| self.err(e))?
+            .and_then(|v| decode_u64(&v))
+            .unwrap_or(0))
+    }
+
+    /// The ledger says it stored every event of `stream` up to `seq`: they need not be sent
+    /// again. Returns how many events this confirmed for the first time. Not synced on its
+    /// own: a confirmation lost in a crash means those events are sent again (same
+    /// `event_id`).
+    pub fn confirm(&self, stream: &StreamId, seq: u64) -> Result<u64, ConfirmError> {
+        let (base, last) = self
+            .span(stream)
+            .ok_or(ConfirmError::UnknownStream(*stream))?;
+        let last_seq = last.saturating_sub(base);
+        if seq > last_seq {
+            return Err(ConfirmError::Beyond {
+                stream: *stream,
+                seq,
+                last: last_seq,
+            });
+        }
+        let store = |e: sled::Error| ConfirmError::Store(self.err(e).to_string());
+        let j = &self.store.journal;
+        let before = self
+            .confirmed_seq(stream)
+            .map_err(|e| ConfirmError::Store(e.to_string()))?;
+        if seq <= before {
+            return Ok(0);
+        }
+        let mut removed = 0u64;
+        let from = key(UNCONFIRMED, base + before + 1);
+        let to = key(UNCONFIRMED, base + seq);
+        let positions: Vec<sled::IVec> = j
+            .range(from..=to)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(store)?;
+        for k in positions {
+            if j.remove(k).map_err(store)?.is_some() {
+                removed += 1;
+            }
+        }
+        let mut k = vec![CONFIRMED];
+        k.extend_from_slice(stream.as_bytes());
+        j.insert(k, &seq.to_be_bytes()).map_err(store)?;
+        if removed > 0 {
+            self.unconfirmed.fetch_sub(removed, Ordering::AcqRel);
+        }
+        Ok(removed)
+    }
+
+    /// Whether the event at `pos` still waits for the ledger's confirmation.
+    pub fn is_unconfirmed(&self, pos: u64) -> Result<bool, StoreError> {
+        self.store
+            .journal
+            .contains_key(key(UNCONFIRMED, pos))
+            .map_err(|e| self.err(e))
+    }
+
+    /// Up to `limit` positions, from `from` on, of events the broker acknowledged but the
+    /// ledger has not confirmed.
+    pub fn unconfirmed_sent(&self, from: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
+        let j = &self.store.journal;
+        let mut out = Vec::new();
+        for item in j.range(key(UNCONFIRMED, from)..key(UNCONFIRMED, u64::MAX)) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, _) = item.map_err(|e| self.err(e))?;
+            if let Some(pos) = pos_of(&k) {
+                if !j.contains_key(key(PENDING, pos)).map_err(|e| self.err(e))? {
+                    out.push(pos);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Puts events back into the outbox (to be sent again, in order); returns how many were
+    /// not already waiting.
+    pub fn repend(&self, positions: &[u64]) -> Result<u64, StoreError> {
+        let j = &self.store.journal;
+        let mut added = 0u64;
+        for pos in positions {
+            if !j.contains_key(key(EVENT, *pos)).map_err(|e| self.err(e))? {
+                continue;
+            }
+            if j.insert(key(PENDING, *pos), &[])
+                .map_err(|e| self.err(e))?
+                .is_none()
+            {
+                added += 1;
+            }
+        }
+        self.depth.fetch_add(added, Ordering::AcqRel);
+        Ok(added)
+    }
+
+    /// The archived events of `stream` from `from_seq` to `to_seq` (at most `limit`), as
+    /// `(position, JSON)`, and the seqs in that range the archive no longer holds, as
+    /// ranges. `None` when the stream is not one of this terminal's.
+    #[allow(clippy::type_complexity)]
+    pub fn archived_range(
+        &self,
+        stream: &StreamId,
+        from_seq: u64,
+        to_seq: u64,
+        limit: usize,
+    ) -> Result<Option<(Vec<(u64, Vec<u8>)>, Vec<(u64, u64)>)>, StoreError> {
+        let Some((base, last)) = self.span(stream) else {
+            return Ok(None);
+        };
+        let last_seq = last.saturating_sub(base);
+        let (from, to) = (from_seq.max(1), to_seq.min(last_seq));
+        let mut found = Vec::new();
+        let mut missing: Vec<(u64, u64)> = Vec::new();
+        if from > to {
+            return Ok(Some((found, missing)));
+        }
+        let mut expect = from;
+        for item in self
+            .store
+            .journal
+            .range(key(EVENT, base + from)..=key(EVENT, base + to))
+        {
+            if found.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let Some(pos) = pos_of(&k) else { continue };
+            let seq = pos - base;
+            if seq > expect {
+                missing.push((expect, seq - 1));
+            }
+            expect = seq + 1;
+            found.push((pos, v.to_vec()));
+        }
+        if found.len() < limit && expect <= to {
+            missing.push((expect, to));
+        }
+        Ok(Some((found, missing)))
+    }
+
     /// Depth, oldest pending event and archive size.
     pub fn stats(&self) -> Result<OutboxStats, StoreError> {
         let oldest = match self.first_pending()? {
@@ -581,12 +818,16 @@ impl Outbox {
             stream: self.stream,
             last_seq: self.last_seq(),
             archived,
+            confirmed_seq: self.confirmed_seq(&self.stream)?,
+            unconfirmed: self.unconfirmed(),
         })
     }
 
     /// Archived events with `occurred_at >= since`, in the order they were recorded, each
-    /// with whether the broker has acknowledged it.
-    pub fn events_since(&self, since: UtcMillis) -> Result<Vec<(Event, bool)>, StoreError> {
+    /// with whether the broker has acknowledged it and whether the ledger confirmed it.
+    pub fn events_since(&self, since: UtcMillis) -> Result<Vec<(Event, bool, bool)>, StoreError> {
+        let mut confirmed: std::collections::HashMap<StreamId, u64> =
+            std::collections::HashMap::new();
         let mut out = Vec::new();
         for item in self.store.journal.scan_prefix([EVENT]) {
             let (k, v) = item.map_err(|e| self.err(e))?;
@@ -601,17 +842,29 @@ impl Outbox {
                     .journal
                     .contains_key(key(PENDING, pos))
                     .map_err(|e| self.err(e))?;
-                out.push((e, !pending));
+                let upto = match confirmed.get(&e.stream) {
+                    Some(c) => *c,
+                    None => {
+                        let c = self.confirmed_seq(&e.stream)?;
+                        confirmed.insert(e.stream, c);
+                        c
+                    }
+                };
+                let stored = e.seq <= upto;
+                out.push((e, !pending, stored));
             }
         }
         Ok(out)
     }
 
-    /// Removes delivered events older than `cutoff` from the archive; returns how many.
-    /// Undelivered events are never removed.
-    pub fn prune_delivered(&self, cutoff: UtcMillis) -> Result<u64, StoreError> {
+    /// Removes delivered events older than `cutoff` from the archive; returns how many
+    /// were removed and how many older ones are kept because the ledger has not confirmed
+    /// them (with `[ledger] confirm = true`). Undelivered events are never removed.
+    pub fn prune_delivered(&self, cutoff: UtcMillis) -> Result<(u64, u64), StoreError> {
         let j = &self.store.journal;
+        let confirm = self.ledger_confirm();
         let mut removed = 0u64;
+        let mut kept_unconfirmed = 0u64;
         let mut batch = sled::Batch::default();
         for item in j.scan_prefix([EVENT]) {
             let (k, v) = item.map_err(|e| self.err(e))?;
@@ -623,13 +876,24 @@ impl Outbox {
             if j.contains_key(key(PENDING, pos)).map_err(|e| self.err(e))? {
                 continue;
             }
+            if j.contains_key(key(UNCONFIRMED, pos))
+                .map_err(|e| self.err(e))?
+            {
+                if confirm {
+                    kept_unconfirmed += 1;
+                    continue;
+                }
+                // Confirmation is off now: a marker of an earlier setting goes with its event.
+                batch.remove(&key(UNCONFIRMED, pos)[..]);
+                self.unconfirmed.fetch_sub(1, Ordering::AcqRel);
+            }
             batch.remove(k);
             removed += 1;
         }
         if removed > 0 {
             j.apply_batch(batch).map_err(|e| self.err(e))?;
         }
-        Ok(removed)
+        Ok((removed, kept_unconfirmed))
     }
 }
 
@@ -848,14 +1112,95 @@ mod tests {
         o.ack(3).unwrap();
         o.ack(4).unwrap();
         // Events 1..3 are older than the cutoff; 2 is undelivered and stays.
-        assert_eq!(o.prune_delivered(UtcMillis(350)).unwrap(), 2);
+        assert_eq!(o.prune_delivered(UtcMillis(350)).unwrap(), (2, 0));
         let left: Vec<u64> = o
             .events_since(UtcMillis(0))
             .unwrap()
             .iter()
-            .map(|(e, _)| e.seq)
+            .map(|(e, _, _)| e.seq)
             .collect();
         assert_eq!(left, vec![2, 4]);
         assert_eq!(o.stats().unwrap().oldest, Some((2, UtcMillis(200))));
+    }
+
+    #[test]
+    fn with_confirmation_events_stay_until_the_ledger_confirms_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "t1").unwrap();
+        let o = Outbox::open(&store).unwrap();
+        o.set_ledger_confirm(true);
+        o.commit((1..=6).map(|i| draft("04A1B2C3", i * 100)).collect(), &[])
+            .unwrap();
+        assert_eq!(o.unconfirmed(), 6);
+        o.ack_many(&[1, 2, 3, 4, 5, 6]).unwrap();
+        assert_eq!(o.depth(), 0, "the broker has them all");
+        assert_eq!(o.unconfirmed_sent(0, 100).unwrap(), vec![1, 2, 3, 4, 5, 6]);
+        // The ledger stored 1..=4.
+        let stream = o.stream();
+        assert_eq!(o.confirm(&stream, 4).unwrap(), 4);
+        assert_eq!(
+            o.confirm(&stream, 3).unwrap(),
+            0,
+            "going back changes nothing"
+        );
+        assert_eq!(o.confirmed_seq(&stream).unwrap(), 4);
+        assert_eq!(o.unconfirmed(), 2);
+        assert!(matches!(
+            o.confirm(&stream, 7),
+            Err(ConfirmError::Beyond { last: 6, .. })
+        ));
+        let other = StreamId::from_random([1; 16]);
+        assert!(matches!(
+            o.confirm(&other, 1),
+            Err(ConfirmError::UnknownStream(_))
+        ));
+        // Not confirmed in time: back into the outbox, in order.
+        assert_eq!(o.repend(&[5, 6]).unwrap(), 2);
+        assert_eq!(o.depth(), 2);
+        let again: Vec<u64> = o.pending_from(0, 10).unwrap().iter().map(|p| p.0).collect();
+        assert_eq!(again, vec![5, 6]);
+        // Pruning keeps what the ledger has not confirmed, and says how much.
+        o.ack_many(&[5, 6]).unwrap();
+        assert_eq!(o.prune_delivered(UtcMillis(10_000)).unwrap(), (4, 2));
+        // The export knows which the ledger stored.
+        let stored: Vec<(u64, bool, bool)> = o
+            .events_since(UtcMillis(0))
+            .unwrap()
+            .iter()
+            .map(|(e, acked, stored)| (e.seq, *acked, *stored))
+            .collect();
+        assert_eq!(stored, vec![(5, true, false), (6, true, false)]);
+        // The count survives a reopening.
+        o.checkpoint().unwrap();
+        drop(o);
+        let o = Outbox::open(&store).unwrap();
+        assert_eq!(o.unconfirmed(), 2);
+    }
+
+    #[test]
+    fn a_replay_range_names_what_the_archive_no_longer_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "t1").unwrap();
+        let o = Outbox::open(&store).unwrap();
+        o.commit((1..=10).map(|i| draft("04A1B2C3", i * 100)).collect(), &[])
+            .unwrap();
+        o.ack_many(&(1..=10).collect::<Vec<_>>()).unwrap();
+        // 1..=4 pruned.
+        assert_eq!(o.prune_delivered(UtcMillis(450)).unwrap(), (4, 0));
+        let stream = o.stream();
+        let (found, missing) = o.archived_range(&stream, 2, 8, 100).unwrap().unwrap();
+        let seqs: Vec<u64> = found.iter().map(|(p, _)| *p).collect();
+        assert_eq!(seqs, vec![5, 6, 7, 8]);
+        assert_eq!(missing, vec![(2, 4)]);
+        // A limit stops early and says nothing about what it did not look at.
+        let (found, missing) = o.archived_range(&stream, 5, 10, 2).unwrap().unwrap();
+        assert_eq!((found.len(), missing.len()), (2, 0));
+        // Beyond the stream's end is not "missing", it never existed.
+        let (found, missing) = o.archived_range(&stream, 9, 50, 100).unwrap().unwrap();
+        assert_eq!((found.len(), missing), (2, vec![]));
+        assert!(o
+            .archived_range(&StreamId::from_random([2; 16]), 1, 2, 10)
+            .unwrap()
+            .is_none());
     }
 }

@@ -81,6 +81,7 @@ pub async fn run(
             .map_err(|e| RunError::Internal(e.to_string()))??
     };
     let outbox = Outbox::open(&store)?;
+    outbox.set_ledger_confirm(config.ledger.confirm);
     let (unstored_record, lost) = match crate::diskguard::UnstoredRecord::open(&config.data_dir) {
         Ok((r, lost)) => (Some(r), lost),
         Err(e) => {
@@ -164,7 +165,12 @@ pub async fn run(
         &config.data_dir,
     );
     let lists_stop = CancellationToken::new();
+    let (replays_tx, replays_rx) = mpsc::channel(crate::mqtt::REPLAYS_QUEUED);
     let list_session = crate::list_session::ListSession {
+        ledger: crate::ledger_inbox::LedgerInbox {
+            outbox: outbox.clone(),
+            replays: replays_tx,
+        },
         settings: config.mqtt.clone(),
         password: password.clone(),
         tls: tls.clone(),
@@ -191,6 +197,10 @@ pub async fn run(
         shutdown: mqtt_stop.clone(),
         drain_timeout: options.drain_timeout,
         decisions_closed: false,
+        ledger: config.ledger,
+        replays: replays_rx,
+        sent_at: Default::default(),
+        replay_jobs: Default::default(),
     };
 
     // An empty or never-confirmed list decides for everyone: said at start and every hour.
@@ -220,9 +230,13 @@ pub async fn run(
                 let outbox = outbox.clone();
                 let cutoff = UtcMillis(UtcMillis::now().as_millis() - keep_ms);
                 match tokio::task::spawn_blocking(move || outbox.prune_delivered(cutoff)).await {
-                    Ok(Ok(0)) => {}
-                    Ok(Ok(n)) => {
-                        tracing::info!(removed = n, "pruned delivered events older than keep_days")
+                    Ok(Ok((removed, kept))) => {
+                        if removed > 0 {
+                            tracing::info!(removed, "pruned delivered events older than keep_days");
+                        }
+                        if kept > 0 {
+                            tracing::warn!(kept, "{kept} events older than keep_days are kept because the ledger has not confirmed them (P/ack); they hold disk space until it does");
+                        }
                     }
                     Ok(Err(e)) => tracing::warn!("cannot prune old events: {e}"),
                     Err(_) => {}

@@ -260,11 +260,35 @@ impl Store {
         })
     }
 
+    /// Every stream recorded in the database with its base position, oldest first.
+    pub fn streams(&self) -> Result<Vec<(id06_protocol::StreamId, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.meta.scan_prefix(b"streams/") {
+            let (k, v) = item.map_err(|e| StoreError::from_sled(&self.dir, e))?;
+            let id: Option<[u8; 16]> = k.get(8..).and_then(|b| b.try_into().ok());
+            if let (Some(id), Some(base)) = (id, decode_u64(&v)) {
+                out.push((id06_protocol::StreamId::from_bytes(id), base));
+            }
+        }
+        if let Some(current) = self.stream()? {
+            if !out.contains(&current) {
+                out.push(current);
+            }
+        }
+        out.sort_by_key(|(_, base)| *base);
+        Ok(out)
+    }
+
     /// Records the stream new taps go to (durable at the next flush).
     pub fn set_stream(&self, stream: id06_protocol::StreamId, base: u64) -> Result<(), StoreError> {
         let mut b = sled::Batch::default();
         b.insert("stream", &stream.as_bytes()[..]);
         b.insert("stream_base", &base.to_be_bytes());
+        // Every stream this data directory ever used, for confirmations and replays of the
+        // older ones.
+        let mut key = b"streams/".to_vec();
+        key.extend_from_slice(stream.as_bytes());
+        b.insert(key, &base.to_be_bytes());
         self.meta
             .apply_batch(b)
             .map_err(|e| StoreError::from_sled(&self.dir, e))

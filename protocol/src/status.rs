@@ -23,6 +23,13 @@ pub struct GatewayStatus {
     pub blocklist_age_s: Option<u64>,
     /// Events recorded but not yet acknowledged by the broker.
     pub outbox_depth: u64,
+    /// With `[ledger] confirm = true`: the seq of `stream` up to which the ledger confirmed
+    /// it stored every event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger_confirmed_seq: Option<u64>,
+    /// With `[ledger] confirm = true`: events (of any stream) the ledger has not confirmed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger_unconfirmed: Option<u64>,
     /// Whether the system clock is known to be synchronised.
     pub clock_synced: bool,
     /// Whether the blocklist is older than `max_age_hours`.

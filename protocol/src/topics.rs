@@ -38,6 +38,21 @@ impl Topics {
         format!("{}/reader/{name}", self.base)
     }
 
+    /// `P/ack`: the ledger confirms what it stored (`{"stream", "seq"}`).
+    pub fn ack(&self) -> String {
+        format!("{}/ack", self.base)
+    }
+
+    /// `P/replay`: the ledger asks for a range of events again.
+    pub fn replay(&self) -> String {
+        format!("{}/replay", self.base)
+    }
+
+    /// `P/replay/result`: what a replay sent and which seqs are no longer kept.
+    pub fn replay_result(&self) -> String {
+        format!("{}/replay/result", self.base)
+    }
+
     /// `{prefix}/blocklist/update`: incremental blocklist updates.
     pub fn blocklist_update(&self) -> String {
         format!("{}/blocklist/update", self.prefix)

@@ -6,6 +6,7 @@ mod cli;
 mod faults;
 mod identity;
 mod inputs;
+mod ledger;
 mod ops;
 mod pcsc;
 mod pipeline;
