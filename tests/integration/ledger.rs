@@ -2,6 +2,7 @@
 //! access control on a real mosquitto, late decisions, and a fleet of gateways with the
 //! reference consumer (`ledger/`) through a broker that loses what it queued.
 
+use crate::schemas::{all_received, check_received, Schemas};
 use crate::support::*;
 use id06_ledger::consumer::{run as consume, Settings};
 use id06_ledger::Store as LedgerDb;
@@ -108,11 +109,7 @@ fn unconfirmed_events_are_sent_again_until_the_ledger_confirms_them() {
         &format!("{readers}[ledger]\nconfirm = true\nresend_after_s = 2\n"),
     );
     let p = config.base();
-    let sub = Subscriber::start(
-        broker.port,
-        "ledger-confirm",
-        &[&format!("{p}/event"), &format!("{p}/status")],
-    );
+    let sub = Subscriber::start(broker.port, "ledger-confirm", &[&format!("{p}/#")]);
     let mut daemon = Daemon::start(&config);
     wait_for("5 events", Duration::from_secs(20), || {
         check_delivery(&sub.events(&format!("{p}/event"))).0.len() == 5
@@ -187,6 +184,16 @@ fn unconfirmed_events_are_sent_again_until_the_ledger_confirms_them() {
         csv.lines().skip(1).all(|l| l.ends_with(",yes,yes")),
         "{csv}"
     );
+    // Every payload on the wire, the acknowledgements too, is what the schemas say.
+    let received: Vec<Received> = all_received(&sub)
+        .into_iter()
+        .filter(|m| !(m.topic.ends_with("/ack") && m.payload.ends_with(b"99}")))
+        .collect();
+    let seen = check_received(&Schemas::load(), &config, &received);
+    assert!(seen.contains_key("ack"));
+    assert!(seen["status"]
+        .iter()
+        .any(|s| s.get("ledger_unconfirmed").is_some()));
 }
 
 #[test]
@@ -200,11 +207,7 @@ fn a_replay_sends_a_range_again_and_names_what_is_no_longer_kept() {
         &format!("{readers}[events]\nkeep_days = 1\n"),
     );
     let p = config.base();
-    let sub = Subscriber::start(
-        broker.port,
-        "ledger-replay",
-        &[&format!("{p}/event"), &format!("{p}/replay/result")],
-    );
+    let sub = Subscriber::start(broker.port, "ledger-replay", &[&format!("{p}/#")]);
     // The first six taps happen "30 days ago" (libfaketime), so that retention prunes them.
     let log = dir.path().join("old.log");
     let libfaketime = [
@@ -271,6 +274,8 @@ fn a_replay_sends_a_range_again_and_names_what_is_no_longer_kept() {
         12,
         "replays are the same events, same event_id"
     );
+    let seen = check_received(&Schemas::load(), &config, &all_received(&sub));
+    assert!(seen.contains_key("replay") && seen.contains_key("replayResult"));
     // Malformed or absurd requests: one line each, no effect.
     for bad in [
         "not json".to_string(),

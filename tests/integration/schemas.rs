@@ -56,7 +56,7 @@ fn schema_files() -> BTreeMap<String, Value> {
 
 /// Every schema compiled (draft 2020-12, formats checked, nothing fetched), each with the
 /// others registered so that their relative `$ref`s resolve as they do from the folder.
-struct Schemas {
+pub(crate) struct Schemas {
     validators: BTreeMap<String, jsonschema::Validator>,
 }
 
@@ -65,7 +65,7 @@ impl Schemas {
         format!("file:///id06d/protocol/schemas/{name}")
     }
 
-    fn load() -> Schemas {
+    pub(crate) fn load() -> Schemas {
         let files = schema_files();
         let registry = jsonschema::Registry::new()
             .extend(files.iter().map(|(name, v)| (Self::base_uri(name), v)))
@@ -251,7 +251,7 @@ fn fixed(config: &TestConfig) -> [(&str, &str); 3] {
 /// Checks every received message against what `asyncapi.yaml` says of its topic (a JSON
 /// payload against the schema it names, a snapshot chunk against the binary layout);
 /// returns the payloads by channel (`null` for a binary chunk).
-fn check_received(
+pub(crate) fn check_received(
     schemas: &Schemas,
     config: &TestConfig,
     received: &[Received],
@@ -287,7 +287,7 @@ fn check_received(
     seen
 }
 
-fn all_received(sub: &Subscriber) -> Vec<Received> {
+pub(crate) fn all_received(sub: &Subscriber) -> Vec<Received> {
     sub.messages.lock().unwrap().clone()
 }
 
@@ -395,6 +395,12 @@ fn asyncapi_parses_and_every_reference_resolves() {
             ),
         ),
         ("blocklistSnapshotChunk", ("receive", true, None)),
+        ("ack", ("receive", false, Some("ack.schema.json"))),
+        ("replay", ("receive", false, Some("replay.schema.json"))),
+        (
+            "replayResult",
+            ("send", false, Some("replay-result.schema.json")),
+        ),
     ]
     .into_iter()
     .collect();
@@ -431,6 +437,9 @@ fn asyncapi_parses_and_every_reference_resolves() {
             format!("{}/0", t.blocklist_snapshot()),
             "blocklistSnapshotChunk",
         ),
+        (t.ack(), "ack"),
+        (t.replay(), "replay"),
+        (t.replay_result(), "replayResult"),
     ] {
         assert_eq!(channel_for(&channels, &topic, &fixed).id, id, "{topic}");
     }
