@@ -104,6 +104,92 @@ async fn raw_client(port: u16, id: &str, inflight: u16) -> (AsyncClient, rumqttc
     (client, eventloop)
 }
 
+/// Taps injected into a running daemon (configured with `extra`), each timed until the
+/// broker acknowledged its event; benchmarked as `name` in `g`.
+fn daemon_latency(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &tokio::runtime::Runtime,
+    port: u16,
+    dir: &Path,
+    extra: &str,
+    name: &str,
+) -> Vec<Duration> {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = config(dir, port, extra);
+    let shutdown = CancellationToken::new();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let daemon = rt.spawn(run(
+        cfg,
+        RunOptions {
+            drain_timeout: Duration::from_secs(2),
+            injector: true,
+        },
+        shutdown.clone(),
+        move |r| {
+            let _ = tx.send((r.injector.clone().unwrap(), r.shared.clone()));
+        },
+    ));
+    let (injector, shared) = rx.recv().unwrap();
+    // Wait for the connection: the first tap's delivery proves it.
+    let delivered = |s: &id06d::shared::Shared| Counters::get(&s.counters.delivered);
+    let mut n: u64 = 0;
+    let tap = |n: &mut u64| {
+        *n += 1;
+        let before = delivered(&shared);
+        let t = Instant::now();
+        injector
+            .blocking_send(ReaderMessage {
+                reader: 0,
+                at: std::time::Instant::now(),
+                report: Report::Observed(Observation::Card(uid(*n))),
+            })
+            .unwrap();
+        // Park until the MQTT task says events were delivered (no spinning on a core the
+        // daemon needs).
+        rt.block_on(async {
+            loop {
+                let notified = shared.delivered.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if delivered(&shared) != before {
+                    return;
+                }
+                notified.await;
+            }
+        });
+        let took = t.elapsed();
+        // The card leaves the field (outside the timed part), as a real one does.
+        injector
+            .blocking_send(ReaderMessage {
+                reader: 0,
+                at: std::time::Instant::now(),
+                report: Report::Observed(Observation::NoCard),
+            })
+            .unwrap();
+        took
+    };
+    let warm = Instant::now();
+    while warm.elapsed() < Duration::from_secs(1) {
+        tap(&mut n);
+    }
+    let mut ours = Vec::new();
+    g.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let d = tap(&mut n);
+                ours.push(d);
+                total += d;
+            }
+            total
+        })
+    });
+    drop(injector);
+    shutdown.cancel();
+    rt.block_on(daemon).unwrap().unwrap();
+    ours
+}
+
 fn main() {
     if std::env::var_os("RUST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
@@ -130,82 +216,24 @@ fn main() {
     if parts.contains("latency") {
         let dir = work.path().join("latency");
         std::fs::create_dir_all(&dir).unwrap();
-        let cfg = config(&dir, broker.port, "");
         let payload = {
             let mut e = sample_event(1);
             e.seq = 1;
             e.event_id = "gate-bench:1".into();
             e.to_json()
         };
-        let shutdown = CancellationToken::new();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let daemon = rt.spawn(run(
-            cfg,
-            RunOptions {
-                drain_timeout: Duration::from_secs(2),
-                injector: true,
-            },
-            shutdown.clone(),
-            move |r| {
-                let _ = tx.send((r.injector.clone().unwrap(), r.shared.clone()));
-            },
-        ));
-        let (injector, shared) = rx.recv().unwrap();
-        // Wait for the connection: the first tap's delivery proves it.
-        let delivered = |s: &id06d::shared::Shared| Counters::get(&s.counters.delivered);
-        let mut n: u64 = 0;
-        let tap = |n: &mut u64| {
-            *n += 1;
-            let before = delivered(&shared);
-            let t = Instant::now();
-            injector
-                .blocking_send(ReaderMessage {
-                    reader: 0,
-                    at: std::time::Instant::now(),
-                    report: Report::Observed(Observation::Card(uid(*n))),
-                })
-                .unwrap();
-            // Park until the MQTT task says events were delivered (no spinning on a core the
-            // daemon needs).
-            rt.block_on(async {
-                loop {
-                    let notified = shared.delivered.notified();
-                    tokio::pin!(notified);
-                    notified.as_mut().enable();
-                    if delivered(&shared) != before {
-                        return;
-                    }
-                    notified.await;
-                }
-            });
-            let took = t.elapsed();
-            // The card leaves the field (outside the timed part), as a real one does.
-            injector
-                .blocking_send(ReaderMessage {
-                    reader: 0,
-                    at: std::time::Instant::now(),
-                    report: Report::Observed(Observation::NoCard),
-                })
-                .unwrap();
-            took
-        };
-        let warm = Instant::now();
-        while warm.elapsed() < Duration::from_secs(1) {
-            tap(&mut n);
-        }
         let mut g = c.benchmark_group("tap_to_puback");
-        let mut ours = Vec::new();
-        g.bench_function("daemon", |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let d = tap(&mut n);
-                    ours.push(d);
-                    total += d;
-                }
-                total
-            })
-        });
+        let mut ours = daemon_latency(&mut g, &rt, broker.port, &dir.join("plain"), "", "daemon");
+        // The same with the ledger confirming (nobody confirms here: what it costs is the
+        // extra marker per event; resending is set far out of the way).
+        let mut confirming = daemon_latency(
+            &mut g,
+            &rt,
+            broker.port,
+            &dir.join("confirm"),
+            "[ledger]\nconfirm = true\nresend_after_s = 3600\n",
+            "daemon_with_ledger_confirm",
+        );
         let raw_file_path = dir.join("raw.log");
         let mut raw_file = std::fs::OpenOptions::new()
             .create(true)
@@ -270,8 +298,15 @@ fn main() {
         );
         g.finish();
         ours.sort();
+        confirming.sort();
         raw.sort();
         strict.sort();
+        report.push(format!(
+            "tap -> PUBACK with [ledger] confirm: median {:?} p99 {:?}; against without: median {:.3}x p99 {:.3}x (goal within 5 %)",
+            percentile(&confirming, 0.5), percentile(&confirming, 0.99),
+            percentile(&confirming, 0.5).as_secs_f64() / percentile(&ours, 0.5).as_secs_f64(),
+            percentile(&confirming, 0.99).as_secs_f64() / percentile(&ours, 0.99).as_secs_f64()
+        ));
         report.push(format!(
         "tap -> PUBACK: daemon median {:?} p99 {:?}; raw publish+fsync median {:?} p99 {:?}; ratio median {:.2}x p99 {:.2}x (goal <= 1.5x)",
         percentile(&ours, 0.5), percentile(&ours, 0.99), percentile(&raw, 0.5), percentile(&raw, 0.99),
@@ -284,9 +319,6 @@ fn main() {
         percentile(&ours, 0.5).as_secs_f64() / percentile(&strict, 0.5).as_secs_f64(),
         percentile(&ours, 0.99).as_secs_f64() / percentile(&strict, 0.99).as_secs_f64()
     ));
-        drop(injector);
-        shutdown.cancel();
-        rt.block_on(daemon).unwrap().unwrap();
     }
 
     // ---- backlog drain ---------------------------------------------------------------
