@@ -31,6 +31,14 @@ install -D -m 0644 systemd/id06d.service "$root/lib/systemd/system/id06d.service
 # No secrets in it (the MQTT password lives in its own file, see password_file).
 install -D -m 0644 systemd/id06d.toml "$root/etc/id06d/id06d.toml"
 install -D -m 0644 README.md "$root/usr/share/doc/id06d/README.md"
+# The contract, the payload schemas and the broker examples the README points to.
+install -D -m 0644 docs/contract.md "$root/usr/share/doc/id06d/contract.md"
+install -D -m 0644 protocol/asyncapi.yaml "$root/usr/share/doc/id06d/asyncapi.yaml"
+for f in protocol/schemas/*.json; do
+  install -D -m 0644 "$f" "$root/usr/share/doc/id06d/schemas/$(basename "$f")"
+done
+install -D -m 0644 docs/mosquitto/acl.conf "$root/usr/share/doc/id06d/examples/mosquitto-acl.conf"
+install -D -m 0644 docs/mosquitto/site-broker.conf "$root/usr/share/doc/id06d/examples/mosquitto-site-broker.conf"
 install -d -m 0755 "$root/usr/share/man/man8"
 gzip -9n < packaging/id06d.8 > "$root/usr/share/man/man8/id06d.8.gz"
 chmod 0644 "$root/usr/share/man/man8/id06d.8.gz"

@@ -43,6 +43,7 @@ pub mod debounce;
 pub mod decide;
 pub mod demo;
 pub mod diskguard;
+pub mod door_session;
 pub mod index;
 pub mod ledger_inbox;
 pub mod list_session;

@@ -94,6 +94,13 @@ impl MetricsSource {
                 (now.as_millis() - at.as_millis()).max(0) / 1000
             });
         let _ = writeln!(s, "# HELP id06d_outbox_oldest_age_seconds Age of the oldest waiting event.\n# TYPE id06d_outbox_oldest_age_seconds gauge\nid06d_outbox_oldest_age_seconds {oldest}");
+        let confirmed = self
+            .outbox
+            .confirmed_seq(&self.outbox.stream())
+            .unwrap_or(0);
+        let _ = writeln!(s, "# HELP id06d_ledger_confirmed_seq The seq of the current stream up to which the ledger confirmed it stored every event (P/ack).\n# TYPE id06d_ledger_confirmed_seq gauge\nid06d_ledger_confirmed_seq {confirmed}");
+        let _ = writeln!(s, "# HELP id06d_ledger_unconfirmed Events the ledger has not confirmed (with [ledger] confirm).\n# TYPE id06d_ledger_unconfirmed gauge\nid06d_ledger_unconfirmed {}", self.outbox.unconfirmed());
+        let _ = writeln!(s, "# HELP id06d_last_seq The highest seq recorded in the current stream.\n# TYPE id06d_last_seq gauge\nid06d_last_seq {}", self.outbox.last_seq());
         let index = self.blocklist.index();
         let _ = writeln!(s, "# HELP id06d_blocklist_version Version of the blocklist in force.\n# TYPE id06d_blocklist_version gauge\nid06d_blocklist_version {}", index.version);
         let _ = writeln!(s, "# HELP id06d_blocklist_cards Listed cards.\n# TYPE id06d_blocklist_cards gauge\nid06d_blocklist_cards {}", index.len());

@@ -1,6 +1,7 @@
 //! The publishing MQTT session (contract §7): one task owns the rumqttc event loop.
 //!
-//! It publishes events, decisions, the status and the reader states, and subscribes to
+//! It publishes events, the status and the reader states (decisions go out on a session of
+//! their own, [`crate::door_session`], with a message expiry), and subscribes to
 //! nothing: the lists come in on a session of their own ([`crate::list_session`]), so that
 //! nothing anyone publishes can stop delivery. It connects with a clean session (nothing
 //! is queued for it; what must be delivered is in the outbox).
@@ -44,9 +45,6 @@ const REQUESTS: usize = 1024;
 /// Back-off between connection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// A decision still waiting when the connection comes up is published if it is at most
-/// this old (a tap while connecting); older ones would open a door at the wrong time.
-const DECISION_FRESH: Duration = Duration::from_secs(2);
 /// How often the retained status is refreshed while connected.
 const STATUS_EVERY: Duration = Duration::from_secs(30);
 
@@ -68,7 +66,7 @@ pub struct MqttTask {
     pub max_age_hours: u64,
     /// Counters, reader states, wake-ups.
     pub shared: Arc<Shared>,
-    /// Decisions to publish on `P/decision`.
+    /// The taps just recorded, whose events may go out straight from their payloads.
     pub decisions: mpsc::Receiver<crate::pipeline::Decided>,
     /// When this process started.
     pub started_at: UtcMillis,
@@ -321,22 +319,10 @@ impl MqttTask {
                     match polled {
                         Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                             connected = true;
-                            // Decisions made while the broker was out of reach are too late
-                            // to open a door now (their events are in the outbox); those of
-                            // the last moments (a tap while connecting) still go out.
-                            let mut fresh = Vec::new();
-                            let mut late = 0u64;
-                            while let Ok(d) = self.decisions.try_recv() {
-                                if d.at.elapsed() <= DECISION_FRESH {
-                                    fresh.push(d);
-                                } else {
-                                    late += 1;
-                                    Counters::bump(&self.shared.counters.decisions_dropped);
-                                }
-                            }
-                            if late > 0 {
-                                tracing::warn!(late, "{late} decisions made while the broker was out of reach are not published (too late for a door); their events are in the outbox and follow on P/event");
-                            }
+                            // Decisions made while the broker was out of reach: their
+                            // events are in the outbox and go out from there (the door
+                            // session publishes the decisions themselves).
+                            while self.decisions.try_recv().is_ok() {}
                             tracing::info!(broker = %self.settings.url, session_present = ack.session_present, outbox_depth = self.outbox.depth(), "connected to the MQTT broker");
                             window.next = match self.outbox.first_pending() {
                                 Ok(Some(pos)) => pos,
@@ -348,13 +334,6 @@ impl MqttTask {
                             for (name, status) in self.shared.take_reader_updates(true) {
                                 let payload = serde_json::to_vec(&status).unwrap_or_default();
                                 self.publish_other(client, &mut window, self.topics.reader(&name), payload, true);
-                            }
-                            for d in fresh {
-                                if self.publish_other(client, &mut window, self.topics.decision(), d.payload, false) {
-                                    Counters::bump(&self.shared.counters.decisions_published);
-                                } else {
-                                    Counters::bump(&self.shared.counters.decisions_dropped);
-                                }
                             }
                             self.fill(client, &mut window, max_published);
                         }
@@ -400,8 +379,8 @@ impl MqttTask {
                 // Not while connecting: a branch that is ready would cancel the connection
                 // attempt in `poll` over and over (a TLS handshake takes a while).
                 decision = self.decisions.recv(), if connected && !self.decisions_closed => {
-                    // Every decision waiting, then the events behind them (already durable)
-                    // in the same turn, so both go out back to back.
+                    // The events of the decisions just made, straight from their payloads
+                    // when they are next due (the door session publishes the decisions).
                     if decision.is_none() {
                         // The pipeline has stopped; never poll a closed channel again.
                         self.decisions_closed = true;
@@ -409,15 +388,7 @@ impl MqttTask {
                     let mut next = decision;
                     while let Some(decided) = next {
                         if connected && drain_deadline.is_none() {
-                            if self.publish_other(client, &mut window, self.topics.decision(), decided.payload.clone(), false) {
-                                Counters::bump(&self.shared.counters.decisions_published);
-                            } else {
-                                Counters::bump(&self.shared.counters.decisions_dropped);
-                            }
                             self.publish_direct(client, &mut window, max_published, decided);
-                        } else {
-                            // A decision minutes late would open a door at the wrong time.
-                            Counters::bump(&self.shared.counters.decisions_dropped);
                         }
                         next = self.decisions.try_recv().ok();
                     }

@@ -76,6 +76,8 @@ pub struct Pipeline {
     pub shared: Arc<Shared>,
     /// Decisions for `P/decision` (best effort: dropped when full).
     pub decisions: mpsc::Sender<Decided>,
+    /// Decisions for `P/decision` (the door session; best effort: dropped when full).
+    pub doors: mpsc::Sender<crate::door_session::DoorDecision>,
     /// The zero point of the debouncer's clock.
     pub epoch: Instant,
     /// Whether the clock was synchronised at the last tap (to log changes once).
@@ -324,20 +326,32 @@ impl Pipeline {
                 let toggles: Vec<ToggleRecord> =
                     unstored.iter().filter_map(|p| p.toggle).collect();
                 let announced: Vec<bool> = unstored.iter().map(|p| p.announced).collect();
-                let (decisions, counters) = (&self.decisions, &self.shared.counters);
+                let (decisions, doors, counters) =
+                    (&self.decisions, &self.doors, &self.shared.counters);
                 // The decisions go the moment the events are on disk; the database is
                 // updated in memory while the MQTT task sends them.
                 self.outbox
                     .commit_then(events, &toggles, |recorded| {
                         for ((pos, e), was_announced) in recorded.iter().zip(&announced) {
-                            let decided = Decided {
-                                pos: *pos,
-                                payload: e.to_json(),
-                                at: Instant::now(),
+                            if *was_announced {
+                                continue; // its decision went out while the disk was full
+                            }
+                            let payload = e.to_json();
+                            let at = Instant::now();
+                            let door = crate::door_session::DoorDecision {
+                                payload: payload.clone(),
+                                at,
                             };
-                            if !was_announced && decisions.try_send(decided).is_err() {
+                            if doors.try_send(door).is_err() {
                                 Counters::bump(&counters.decisions_dropped);
                             }
+                            // The event itself may go straight from here too (see mqtt.rs);
+                            // if not, it is read back from the outbox.
+                            let _ = decisions.try_send(Decided {
+                                pos: *pos,
+                                payload,
+                                at,
+                            });
                         }
                     })
                     .map_err(|e| {
@@ -425,12 +439,11 @@ impl Pipeline {
                         reason = e.reason.map_or("", |r| r.as_str()),
                         "tap decided but not yet stored (disk full)"
                     );
-                    let decided = Decided {
-                        pos: 0,
+                    let door = crate::door_session::DoorDecision {
                         payload: e.to_json(),
                         at: Instant::now(),
                     };
-                    if self.decisions.try_send(decided).is_err() {
+                    if self.doors.try_send(door).is_err() {
                         Counters::bump(&c.decisions_dropped);
                     }
                 }

@@ -183,6 +183,16 @@ pub async fn run(
     // MQTT.
     let (decisions_tx, decisions_rx) = mpsc::channel(256);
     let mqtt_stop = CancellationToken::new();
+    let (doors_tx, doors_rx) = mpsc::channel(1024);
+    let door_session = crate::door_session::DoorSession {
+        settings: config.mqtt.clone(),
+        password: password.clone(),
+        tls: tls.clone(),
+        topic: topics.decision(),
+        decisions: doors_rx,
+        shared: shared.clone(),
+        shutdown: mqtt_stop.clone(),
+    };
     let mqtt = MqttTask {
         settings: config.mqtt.clone(),
         password,
@@ -277,6 +287,7 @@ pub async fn run(
         when_stale: config.blocklist.when_stale,
         shared: shared.clone(),
         decisions: decisions_tx,
+        doors: doors_tx,
         epoch: Instant::now(),
         clock_was_synced: Some(crate::clock::clock_synced()),
         data_dir: config.data_dir.clone(),
@@ -300,6 +311,8 @@ pub async fn run(
             .name("tap-delivery".into())
             .spawn(move || {
                 delivery_runtime.block_on(async move {
+                    // The door session too: a decision reaches its socket on this thread.
+                    let doors = tokio::spawn(door_session.run());
                     let mqtt_task = tokio::spawn(mqtt.run());
                     let mqtt_watch = tokio::spawn(async move {
                         let ended = match mqtt_task.await {
@@ -313,6 +326,7 @@ pub async fn run(
                     stopping.cancelled().await;
                     mqtt_stop.cancel();
                     let _ = mqtt_watch.await;
+                    let _ = doors.await;
                 })
             })
             .map_err(|e| RunError::Internal(format!("cannot start the tap pipeline thread: {e}")))?

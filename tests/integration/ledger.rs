@@ -106,7 +106,7 @@ fn unconfirmed_events_are_sent_again_until_the_ledger_confirms_them() {
     let config = TestConfig::write(
         dir.path(),
         &broker.url(),
-        &format!("{readers}[ledger]\nconfirm = true\nresend_after_s = 2\n"),
+        &format!("{readers}[ledger]\nconfirm = true\nresend_after_s = 2\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n"),
     );
     let p = config.base();
     let sub = Subscriber::start(broker.port, "ledger-confirm", &[&format!("{p}/#")]);
@@ -148,6 +148,23 @@ fn unconfirmed_events_are_sent_again_until_the_ledger_confirms_them() {
         || {
             status(&sub, &p)
                 .is_some_and(|s| s["ledger_confirmed_seq"] == 5 && s["ledger_unconfirmed"] == 0)
+        },
+    );
+    // The metrics say it too.
+    let port: u16 = daemon
+        .log_text()
+        .split("metrics at http://127.0.0.1:")
+        .nth(1)
+        .and_then(|t| t.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .expect("the metrics address in the log");
+    wait_for(
+        "the confirmed seq in the metrics",
+        Duration::from_secs(10),
+        || {
+            let text = crate::ops::http_get(port, "/metrics");
+            text.contains("id06d_ledger_confirmed_seq 5")
+                && text.contains("id06d_ledger_unconfirmed 0")
         },
     );
     // A hostile or confused ack is ignored with a line.
@@ -471,6 +488,121 @@ fn decisions_made_while_the_broker_is_away_are_never_published_late() {
         })
         .collect();
     assert!(late.is_empty(), "late decisions published: {late:?}");
+}
+
+/// A door controller with a persistent session (what the contract tells doors not to do):
+/// it connects, collects decisions on its own thread, and disconnects cleanly.
+struct Door {
+    client: rumqttc::Client,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Door {
+    fn connect(port: u16, topic: &str) -> Door {
+        let mut o = rumqttc::MqttOptions::new("door-persistent", "127.0.0.1", port);
+        o.set_clean_session(false);
+        let (client, mut connection) = rumqttc::Client::new(o, 100);
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let subscribed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, s, sub, topic) = (
+            client.clone(),
+            seen.clone(),
+            subscribed.clone(),
+            topic.to_string(),
+        );
+        let thread = std::thread::spawn(move || {
+            for event in connection.iter() {
+                match event {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        let _ = c.try_subscribe(topic.clone(), rumqttc::QoS::AtLeastOnce);
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        sub.store(true, std::sync::atomic::Ordering::Release);
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        if let Ok(e) = Event::from_json(&p.payload) {
+                            s.lock().unwrap().push(e.seq);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        wait_for("the door's subscription", Duration::from_secs(10), || {
+            subscribed.load(std::sync::atomic::Ordering::Acquire)
+        });
+        Door {
+            client,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    fn seen(&self) -> Vec<u64> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn disconnect(mut self) -> Vec<u64> {
+        let _ = self.client.disconnect();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.seen()
+    }
+}
+
+#[test]
+fn a_door_that_was_away_never_gets_a_decision_late() {
+    let dir = scratch();
+    let broker = broker(dir.path());
+    let readers = tapping(dir.path(), "gate", 700, 20, 2000);
+    let config = TestConfig::write(dir.path(), &broker.url(), &readers);
+    let p = config.base();
+    let topic = format!("{p}/decision");
+    let ledger = Subscriber::start(broker.port, "ledger-door", &[&format!("{p}/event")]);
+    let has_event = |seq: u64| {
+        ledger
+            .events(&format!("{p}/event"))
+            .iter()
+            .any(|e| e.seq == seq)
+    };
+    let mut daemon = Daemon::start(&config);
+    let door = Door::connect(broker.port, &topic);
+    wait_for("decision 1 at the door", Duration::from_secs(20), || {
+        door.seen().contains(&1)
+    });
+    // Away briefly: the broker keeps the decision for the door's session.
+    door.disconnect();
+    wait_for("event 2", Duration::from_secs(20), || has_event(2));
+    let door = Door::connect(broker.port, &topic);
+    wait_for(
+        "decision 2, queued for the door",
+        Duration::from_secs(10),
+        || door.seen().contains(&2),
+    );
+    // Away for longer than the decision's expiry: the broker drops it.
+    door.disconnect();
+    wait_for("event 3", Duration::from_secs(20), || has_event(3));
+    let published = Instant::now();
+    // What is under test is time passing at the broker: nothing to wait for but the clock.
+    std::thread::sleep(
+        Duration::from_secs(u64::from(id06d::door_session::DECISION_EXPIRY_S))
+            + Duration::from_millis(1500),
+    );
+    let door = Door::connect(broker.port, &topic);
+    wait_for("event 5", Duration::from_secs(20), || has_event(5));
+    wait_for("decision 5 at the door", Duration::from_secs(10), || {
+        door.seen().contains(&5)
+    });
+    let seen = door.disconnect();
+    assert!(
+        !seen.contains(&3),
+        "decision 3 reached the door {:?} after it was made: {seen:?}",
+        published.elapsed()
+    );
+    assert_eq!(daemon.terminate(), Some(0));
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 /// The whole response, or "" while nothing listens yet.
-fn http_get(port: u16, path: &str) -> String {
+pub(crate) fn http_get(port: u16, path: &str) -> String {
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return String::new();
     };
@@ -115,6 +115,16 @@ fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
         ("-rw-r--r--", "./usr/share/doc/id06d/README.md"),
         ("-rw-r--r--", "./usr/share/doc/id06d/copyright"),
         ("-rw-r--r--", "./usr/share/doc/id06d/changelog.gz"),
+        ("-rw-r--r--", "./usr/share/doc/id06d/contract.md"),
+        ("-rw-r--r--", "./usr/share/doc/id06d/asyncapi.yaml"),
+        (
+            "-rw-r--r--",
+            "./usr/share/doc/id06d/schemas/event.schema.json",
+        ),
+        (
+            "-rw-r--r--",
+            "./usr/share/doc/id06d/examples/mosquitto-acl.conf",
+        ),
         ("-rw-r--r--", "./usr/share/man/man8/id06d.8.gz"),
     ] {
         assert!(
