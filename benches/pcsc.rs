@@ -17,9 +17,7 @@
 //! Run: `cargo bench -p id06d --bench pcsc`.
 
 use criterion::Criterion;
-use id06_readers::vpcd_card::{
-    ensure_pcscd, exclusive, wait_slot_empty, CardBehaviour, VirtualCard, SLOT_0,
-};
+use id06_readers::vpcd_card::{sandbox, wait_slot_empty, CardBehaviour, VirtualCard, SLOT_0};
 use id06d::broker::LocalBroker;
 use id06d::config::Config;
 use id06d::run::{run, RunOptions};
@@ -59,8 +57,7 @@ fn remove(card: VirtualCard) {
 }
 
 fn main() {
-    let _exclusive = exclusive().expect("exclusive use of pcscd");
-    ensure_pcscd().expect("pcscd with vpcd");
+    let _pcsc = sandbox().expect("a pcscd of the benchmark's own");
     assert!(wait_slot_empty(SLOT_0));
     let mut c = Criterion::default()
         .sample_size(10)

@@ -1,5 +1,6 @@
 //! A virtual contactless card for tests and benchmarks, played over vpcd's TCP protocol, and
-//! helpers that start, kill and restart a real pcscd.
+//! a private PC/SC world ([`sandbox`]) in which a test starts, kills and restarts a real
+//! pcscd of its own.
 //!
 //! vpcd (package `vsmartcard-vpcd`) is a pcscd reader driver that makes two readers,
 //! `Virtual PCD 00 00` and `Virtual PCD 00 01`, and waits on 127.0.0.1:35963 and :35964
@@ -10,9 +11,10 @@
 //! response APDU.
 //!
 //! ```no_run
-//! use id06_readers::vpcd_card::{ensure_pcscd, CardBehaviour, VirtualCard, SLOT_0};
+//! use id06_readers::vpcd_card::{sandbox, CardBehaviour, VirtualCard, SLOT_0};
 //!
-//! ensure_pcscd().unwrap();
+//! let _pcsc = sandbox().unwrap(); // this thread now has a pcscd of its own
+//!
 //! let card = VirtualCard::insert(SLOT_0, CardBehaviour::uid(&[0x04, 0xA1, 0xB2, 0xC3])).unwrap();
 //! // … the reader "Virtual PCD 00 00" now holds a card whose UID is 04A1B2C3 …
 //! card.remove();
@@ -296,40 +298,134 @@ fn answer(apdu: &[u8], behaviour: &CardBehaviour, told_length: &mut bool) -> Rep
     }
 }
 
-/// Exclusive use of pcscd and vpcd's slots, held by one test at a time across threads *and*
-/// processes (several test binaries, or several people's `cargo test`, share one pcscd).
-/// It is an abstract Unix socket name: the kernel frees it when the holder exits, even by
-/// a crash, so it never goes stale.
+/// A private PC/SC world for one test: the calling thread (and every thread and process it
+/// starts afterwards) moves into new mount and network namespaces, with an empty
+/// `/run/pcscd` of its own and a loopback interface of its own, and a pcscd is started
+/// there. So a test's pcscd and vpcd never meet the machine's (an installed gateway's pcscd
+/// keeps running untouched), tests can run side by side, and dropping the sandbox stops the
+/// pcscd it started: nothing outlives the test. Needs root (as `./run.sh test` runs).
+///
+/// Call it before the test starts any thread or process that must see this pcscd (a broker,
+/// a daemon, a runtime): those started earlier stay in the machine's namespaces.
 #[derive(Debug)]
-pub struct PcscTestLock {
-    _held: std::os::unix::net::UnixListener,
+pub struct PcscSandbox {
+    pcscd: Option<Child>,
 }
 
-/// Waits (up to 15 minutes) for exclusive use of pcscd and vpcd.
-pub fn exclusive() -> Result<PcscTestLock, String> {
-    use std::os::linux::net::SocketAddrExt;
-    use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener};
-    let name = UnixAddr::from_abstract_name(b"id06d-pcsc-tests").map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(15 * 60);
-    loop {
-        match UnixListener::bind_addr(&name) {
-            Ok(held) => return Ok(PcscTestLock { _held: held }),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            Err(e) => {
-                return Err(format!(
-                    "cannot get exclusive use of pcscd for this test: {e}"
-                ))
-            }
+fn io_err(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+/// Enters a new sandbox on this thread and starts its pcscd (waiting until it lists vpcd's
+/// first reader).
+pub fn sandbox() -> Result<PcscSandbox, String> {
+    use std::ffi::CString;
+    // SAFETY: unshare only changes this thread's namespaces; the arguments are flags.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWNET) } != 0 {
+        return Err(io_err(
+            "cannot make a private mount and network namespace for the PC/SC test (run the tests as root)",
+        ));
+    }
+    let root = CString::new("/").map_err(|e| e.to_string())?;
+    let none = CString::new("none").map_err(|e| e.to_string())?;
+    // SAFETY: valid NUL-terminated strings; MS_REC|MS_PRIVATE on "/" only stops our mounts
+    // from propagating to the machine's namespace.
+    if unsafe {
+        libc::mount(
+            none.as_ptr(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        return Err(io_err("cannot make the test's mounts private"));
+    }
+    std::fs::create_dir_all("/run/pcscd").map_err(|e| format!("cannot create /run/pcscd: {e}"))?;
+    let dir = CString::new("/run/pcscd").map_err(|e| e.to_string())?;
+    let tmpfs = CString::new("tmpfs").map_err(|e| e.to_string())?;
+    let opts = CString::new("mode=0755,size=1m").map_err(|e| e.to_string())?;
+    // SAFETY: valid NUL-terminated strings; a tmpfs over /run/pcscd in our namespace only.
+    if unsafe {
+        libc::mount(
+            tmpfs.as_ptr(),
+            dir.as_ptr(),
+            tmpfs.as_ptr(),
+            0,
+            opts.as_ptr().cast(),
+        )
+    } != 0
+    {
+        return Err(io_err("cannot mount a private /run/pcscd"));
+    }
+    let lo = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .map_err(|e| format!("cannot run ip (Debian: iproute2): {e}"))?;
+    if !lo.success() {
+        return Err("cannot bring the test's loopback interface up".into());
+    }
+    let mut sb = PcscSandbox { pcscd: None };
+    sb.start_pcscd()?;
+    if wait_until(Duration::from_secs(10), || pcscd_lists(SLOT_0.reader)) {
+        Ok(sb)
+    } else {
+        Err(format!(
+            "pcscd runs but does not list {:?} within 10 s: is vsmartcard-vpcd installed?",
+            SLOT_0.reader
+        ))
+    }
+}
+
+impl PcscSandbox {
+    /// Starts the sandbox's pcscd (after [`PcscSandbox::kill_pcscd`]) and waits until it
+    /// answers.
+    pub fn start_pcscd(&mut self) -> Result<(), String> {
+        self.kill_pcscd()?;
+        let child = Command::new("pcscd")
+            .arg("-f")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                format!("cannot start pcscd ({e}): install the packages pcscd and vsmartcard-vpcd")
+            })?;
+        self.pcscd = Some(child);
+        if wait_until(Duration::from_secs(10), pcscd_answers) {
+            Ok(())
+        } else {
+            Err("pcscd was started but does not answer within 10 s".into())
+        }
+    }
+
+    /// Kills the sandbox's pcscd with SIGKILL, as a crash would, and waits until it is gone
+    /// (no other pcscd is touched).
+    pub fn kill_pcscd(&mut self) -> Result<(), String> {
+        if let Some(mut child) = self.pcscd.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            // A pcscd killed leaves its pid file, which would stop the next one.
+            let _ = std::fs::remove_file("/run/pcscd/pcscd.pid");
+            let _ = std::fs::remove_file("/run/pcscd/pcscd.comm");
+        }
+        if wait_until(Duration::from_secs(5), || !pcscd_answers()) {
+            Ok(())
+        } else {
+            Err("the test's pcscd still answers after being killed".into())
         }
     }
 }
 
-/// The pcscd this process started, if any (kept so that it can be killed and reaped).
-static PCSCD: Mutex<Option<Child>> = Mutex::new(None);
-
-const PID_FILE: &str = "/run/pcscd/pcscd.pid";
+impl Drop for PcscSandbox {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.pcscd.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
 
 /// Whether pcscd answers (a PC/SC context can be established).
 pub fn pcscd_answers() -> bool {
@@ -383,94 +479,6 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Starts pcscd (in the foreground, as a child of this process, without systemd) unless one
-/// is running, and waits until it lists vpcd's first reader.
-pub fn ensure_pcscd() -> Result<(), String> {
-    if !pcscd_answers() {
-        start_pcscd()?;
-    }
-    if wait_until(Duration::from_secs(10), || pcscd_lists(SLOT_0.reader)) {
-        Ok(())
-    } else {
-        Err(format!(
-            "pcscd runs but does not list {:?} within 10 s: is vsmartcard-vpcd installed?",
-            SLOT_0.reader
-        ))
-    }
-}
-
-/// Starts a pcscd child process and waits until it answers (no check whether one runs).
-pub fn start_pcscd() -> Result<(), String> {
-    let mut slot = PCSCD.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(mut old) = slot.take() {
-        let _ = old.kill();
-        let _ = old.wait();
-    }
-    let child = Command::new("pcscd")
-        .arg("-f")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| {
-            format!("cannot start pcscd ({e}): install the packages pcscd and vsmartcard-vpcd")
-        })?;
-    *slot = Some(child);
-    drop(slot);
-    if wait_until(Duration::from_secs(10), pcscd_answers) {
-        Ok(())
-    } else {
-        Err("pcscd was started but does not answer within 10 s".into())
-    }
-}
-
-/// Live pcscd processes (by `/proc/*/comm`; zombies do not count).
-fn pcscd_pids() -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-                // "pid (comm) state …"
-                let comm_ok = stat.contains("(pcscd)");
-                let state = stat.rsplit(')').next().unwrap_or("").trim_start();
-                comm_ok && !state.starts_with('Z') && !state.starts_with('X')
-            })
-        })
-        .collect()
-}
-
-/// Kills every pcscd with SIGKILL, as a crash would, and waits until they are gone.
-pub fn kill_pcscd() -> Result<(), String> {
-    let mut slot = PCSCD.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(mut child) = slot.take() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    drop(slot);
-    // Not ours (started by an earlier test run or by hand): kill by pid. A zombie left
-    // behind counts as dead, but its pid file would stop a new pcscd: remove it.
-    let others = pcscd_pids();
-    for pid in &others {
-        let _ = Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status();
-    }
-    if !wait_until(Duration::from_secs(5), || pcscd_pids().is_empty()) {
-        return Err(format!("pcscd (pids {others:?}) did not die"));
-    }
-    if !others.is_empty() {
-        let _ = std::fs::remove_file(PID_FILE);
-    }
-    if wait_until(Duration::from_secs(5), || !pcscd_answers()) {
-        Ok(())
-    } else {
-        Err("pcscd still answers after being killed (is it socket-activated by systemd?)".into())
     }
 }
 

@@ -2,16 +2,16 @@
 //! playing the card over vpcd's TCP protocol (`id06_readers::vpcd_card`), events checked on
 //! `P/event` of a real mosquitto.
 //!
-//! pcscd is one per machine and vpcd's ports are fixed, so these tests run one at a time
-//! (also against the driver's own tests in another process) under `vpcd_card::exclusive`.
+//! Each test has a pcscd, a vpcd and a loopback of its own (`vpcd_card::sandbox`: private
+//! mount and network namespaces), so they run side by side and never touch the machine's
+//! pcscd; the sandbox stops its pcscd when the test ends.
 //! pcscd notices a card coming or going by polling vpcd every 400 ms; the tests wait for
 //! conditions, never for that period.
 
 use crate::support::*;
 use id06_protocol::CardUid;
 use id06_readers::vpcd_card::{
-    ensure_pcscd, exclusive, kill_pcscd, start_pcscd, wait_slot_empty, CardBehaviour, PcscTestLock,
-    VirtualCard, SLOT_0,
+    sandbox, wait_slot_empty, CardBehaviour, PcscSandbox, VirtualCard, SLOT_0,
 };
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -24,10 +24,11 @@ fn uid(bytes: &[u8]) -> CardUid {
     CardUid::from_bytes(bytes).expect("a valid UID")
 }
 
-/// Exclusive use of pcscd, which runs and shows vpcd's first reader with no card in it.
-fn setup() -> PcscTestLock {
-    let lock = exclusive().expect("exclusive use of pcscd");
-    ensure_pcscd().expect("pcscd with vpcd");
+/// A pcscd of the test's own (in its own mount and network namespaces, see
+/// `vpcd_card::sandbox`), showing vpcd's first reader with no card in it. Everything the
+/// test starts afterwards — broker, daemon, ledger — runs in those namespaces too.
+fn setup() -> PcscSandbox {
+    let lock = sandbox().expect("a pcscd of this test's own");
     assert!(wait_slot_empty(SLOT_0), "vpcd's first reader is empty");
     lock
 }
@@ -143,7 +144,7 @@ impl Gate {
 
 #[test]
 fn pcsc_two_cards_presented_for_a_second_each_are_one_event_each_with_the_right_uid() {
-    let _exclusive = setup();
+    let _pcsc = setup();
     let mut gate = Gate::start("ledger-pcsc-two");
     gate.wait_state("ok");
     assert_eq!(gate.reader()["device"], SLOT_0.reader);
@@ -167,7 +168,7 @@ fn pcsc_two_cards_presented_for_a_second_each_are_one_event_each_with_the_right_
 
 #[test]
 fn pcsc_waved_card_is_one_tap_and_the_hold_steady_hint() {
-    let _exclusive = setup();
+    let _pcsc = setup();
     let mut gate = Gate::start_with("ledger-pcsc-wave", WAVING);
     gate.wait_state("ok");
 
@@ -210,7 +211,7 @@ fn pcsc_waved_card_is_one_tap_and_the_hold_steady_hint() {
 
 #[test]
 fn pcsc_card_removed_in_the_middle_of_the_read_is_no_event_and_no_crash() {
-    let _exclusive = setup();
+    let _pcsc = setup();
     let mut gate = Gate::start("ledger-pcsc-midread");
     gate.wait_state("ok");
 
@@ -228,13 +229,13 @@ fn pcsc_card_removed_in_the_middle_of_the_read_is_no_event_and_no_crash() {
 
 #[test]
 fn pcsc_pcscd_killed_and_restarted_the_reader_comes_back_by_itself() {
-    let _exclusive = setup();
+    let mut pcsc = setup();
     let mut gate = Gate::start("ledger-pcsc-restart");
     gate.wait_state("ok");
     present(&UID4, Duration::from_millis(600));
     gate.wait_event_of(&UID4);
 
-    kill_pcscd().expect("pcscd killed");
+    pcsc.kill_pcscd().expect("pcscd killed");
     gate.wait_state("recovering");
     assert!(
         gate.reader()["last_error"]
@@ -244,7 +245,7 @@ fn pcsc_pcscd_killed_and_restarted_the_reader_comes_back_by_itself() {
         gate.reader()
     );
     let restarted = Instant::now();
-    start_pcscd().expect("pcscd restarted");
+    pcsc.start_pcscd().expect("pcscd restarted");
     gate.wait_state("ok");
     let back = restarted.elapsed();
     present(&UID7, Duration::from_millis(600));
@@ -265,8 +266,8 @@ fn pcsc_pcscd_killed_and_restarted_the_reader_comes_back_by_itself() {
 
 #[test]
 fn pcsc_daemon_started_before_pcscd_waits_then_works() {
-    let _exclusive = setup();
-    kill_pcscd().expect("pcscd stopped");
+    let mut pcsc = setup();
+    pcsc.kill_pcscd().expect("pcscd stopped");
     let mut gate = Gate::start("ledger-pcsc-early");
     // The retained state may first show the reader absent before its driver has said
     // anything; what counts is that it soon says why.
@@ -276,7 +277,7 @@ fn pcsc_daemon_started_before_pcscd_waits_then_works() {
                 .as_str()
                 .is_some_and(|e| e.contains("pcscd is not running"))
     });
-    start_pcscd().expect("pcscd started");
+    pcsc.start_pcscd().expect("pcscd started");
     gate.wait_state("ok");
     assert!(wait_slot_empty(SLOT_0));
     present(&UID7, Duration::from_millis(600));
@@ -287,15 +288,15 @@ fn pcsc_daemon_started_before_pcscd_waits_then_works() {
 
 #[test]
 fn pcsc_readers_command_lists_vpcd_and_says_plainly_when_pcscd_is_not_running() {
-    let _exclusive = setup();
+    let mut pcsc = setup();
     let (code, out, err) = id06d(&["readers"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(SLOT_0.reader), "{out}");
     assert!(out.contains("Serial ports"), "{out}");
-    kill_pcscd().expect("pcscd stopped");
+    pcsc.kill_pcscd().expect("pcscd stopped");
     let (code, out, err) = id06d(&["readers"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("pcscd is not running"), "{out}");
     assert!(!out.contains(SLOT_0.reader), "{out}");
-    start_pcscd().expect("pcscd started");
+    pcsc.start_pcscd().expect("pcscd started");
 }

@@ -1,12 +1,13 @@
 //! The driver against a real pcscd with vpcd, the test playing the card (`crate::vpcd_card`).
 //!
-//! All tests here share pcscd and vpcd's fixed ports, and some kill pcscd: they run one at a
-//! time, also across processes, under [`exclusive`]. Each starts pcscd if it is not running.
+//! Each test runs in a sandbox of its own ([`sandbox`]: private mount and network
+//! namespaces, its own pcscd, vpcd and loopback), so the ones that kill pcscd kill only
+//! theirs, and nothing outlives the test.
 
 use super::*;
 use crate::vpcd_card::{
-    ensure_pcscd, exclusive, kill_pcscd, pcscd_answers, start_pcscd, wait_slot_empty, wait_until,
-    CardBehaviour, PcscTestLock, VirtualCard, SLOT_0,
+    pcscd_answers, sandbox, wait_slot_empty, wait_until, CardBehaviour, PcscSandbox, VirtualCard,
+    SLOT_0,
 };
 use crate::ReaderMessage;
 use id06_protocol::CardUid;
@@ -135,9 +136,8 @@ impl Drop for Driver {
     }
 }
 
-fn setup() -> PcscTestLock {
-    let lock = exclusive().expect("exclusive use of pcscd");
-    ensure_pcscd().expect("pcscd with vpcd");
+fn setup() -> PcscSandbox {
+    let lock = sandbox().expect("a pcscd of this test's own");
     assert!(
         wait_slot_empty(SLOT_0),
         "pcscd still reports a card in {} from an earlier test",
@@ -152,7 +152,7 @@ fn insert(behaviour: CardBehaviour) -> VirtualCard {
 
 #[test]
 fn a_presented_card_is_reported_with_device_ok_and_its_4_byte_uid() {
-    let _exclusive = setup();
+    let _pcsc = setup();
     let d = Driver::on_slot0("present");
     let ok = d.wait_ok(0);
     let before_ok = d.reports()[..ok].to_vec();
@@ -181,7 +181,7 @@ fn a_presented_card_is_reported_with_device_ok_and_its_4_byte_uid() {
 
 #[test]
 fn a_7_byte_uid_is_read_completely() {
-    let _exclusive = setup();
+    let _pcsc = setup();
     let d = Driver::on_slot0("uid7");
     d.wait_ok(0);
     let c = insert(CardBehaviour::uid(&UID7));
@@ -198,7 +198,7 @@ fn a_7_byte_uid_is_read_completely() {
 
 #[test]
 fn two_cards_one_after_the_other_are_both_read() {
-    let _exclusive = setup();
+    let _pcsc = setup();
     let d = Driver::on_slot0("two");
     d.wait_ok(0);
     let a = insert(CardBehaviour::uid(&UID4));
@@ -222,7 +222,7 @@ fn two_cards_one_after_the_other_are_both_read() {
 
 #[test]
 fn a_card_left_in_the_field_is_read_again_until_it_leaves() {
-    let _exclusive = setup();
+    let _pcsc = setup();
     let d = Driver::on_slot0("lying");
     d.wait_ok(0);
     let c = insert(CardBehaviour::uid(&UID4));
@@ -250,7 +250,7 @@ fn a_card_left_in_the_field_is_read_again_until_it_leaves() {
 
 #[test]
 fn a_6c_answer_is_retried_with_the_length_it_asks_for() {
-    let _exclusive = setup();
+    let _pcsc = setup();
     let d = Driver::on_slot0("6c");
     d.wait_ok(0);
     let c = insert(CardBehaviour::WrongLengthFirst(UID7.to_vec()));
@@ -266,7 +266,7 @@ fn a_6c_answer_is_retried_with_the_length_it_asks_for() {
 
 #[test]
 fn failed_reads_6a81_and_6300_are_partial_never_card() {
-    let _exclusive = setup();
+    let _pcsc = setup();
     for (sw1, sw2) in [(0x6A, 0x81), (0x63, 0x00)] {
         let d = Driver::on_slot0("sw");
         d.wait_ok(0);
@@ -290,7 +290,7 @@ fn failed_reads_6a81_and_6300_are_partial_never_card() {
 
 #[test]
 fn a_card_that_keeps_failing_is_reset_and_the_reader_recovers() {
-    let _exclusive = setup();
+    let _pcsc = setup();
     let d = Driver::on_slot0("reset");
     let ok = d.wait_ok(0);
     let c = insert(CardBehaviour::Status(0x63, 0x00));
@@ -317,7 +317,7 @@ fn a_card_that_keeps_failing_is_reset_and_the_reader_recovers() {
 
 #[test]
 fn a_card_removed_in_the_middle_of_the_read_is_partial_then_nocard() {
-    let _exclusive = setup();
+    let _pcsc = setup();
     let d = Driver::on_slot0("midread");
     d.wait_ok(0);
     let c = insert(CardBehaviour::LeaveMidRead);
@@ -344,7 +344,7 @@ fn a_card_removed_in_the_middle_of_the_read_is_partial_then_nocard() {
 
 #[test]
 fn waving_five_times_in_a_second_gives_a_sensible_sequence() {
-    let _exclusive = setup();
+    let _pcsc = setup();
     let d = Driver::on_slot0("wave");
     let ok = d.wait_ok(0);
     for _ in 0..5 {
@@ -402,12 +402,12 @@ fn waving_five_times_in_a_second_gives_a_sensible_sequence() {
 
 #[test]
 fn pcscd_killed_and_restarted_recovering_then_ok_and_the_next_card_is_read() {
-    let _exclusive = setup();
+    let mut pcsc = setup();
     let d = Driver::on_slot0("restart");
     let ok = d.wait_ok(0);
-    kill_pcscd().expect("kill pcscd");
+    pcsc.kill_pcscd().expect("kill pcscd");
     let recovering = d.wait_for("recovering", ok, |r| is_health(r, ReaderState::Recovering));
-    start_pcscd().expect("restart pcscd");
+    pcsc.start_pcscd().expect("restart pcscd");
     let back = d.wait_ok(recovering);
     let between = d.reports()[recovering..back].to_vec();
     assert!(
@@ -421,8 +421,8 @@ fn pcscd_killed_and_restarted_recovering_then_ok_and_the_next_card_is_read() {
 
 #[test]
 fn a_driver_started_before_pcscd_says_absent_then_works() {
-    let _exclusive = setup();
-    kill_pcscd().expect("kill pcscd");
+    let mut pcsc = setup();
+    pcsc.kill_pcscd().expect("kill pcscd");
     let d = Driver::on_slot0("early");
     let absent = d.wait_for("absent", 0, |r| is_health(r, ReaderState::Absent));
     match &d.reports()[absent] {
@@ -431,7 +431,7 @@ fn a_driver_started_before_pcscd_says_absent_then_works() {
         }
         other => panic!("absent with a reason, got {other:?}"),
     }
-    start_pcscd().expect("start pcscd");
+    pcsc.start_pcscd().expect("start pcscd");
     let ok = d.wait_ok(absent);
     let c = insert(CardBehaviour::uid(&UID7));
     d.wait_for("the card", ok, |r| *r == card(&UID7));
@@ -440,7 +440,7 @@ fn a_driver_started_before_pcscd_says_absent_then_works() {
 
 #[test]
 fn a_mute_card_makes_the_reader_recovering_by_its_deadline() {
-    let _exclusive = setup();
+    let _pcsc = setup();
     let mut options = PcscOptions::new(SLOT_0.reader);
     options.call_deadline = Duration::from_secs(1);
     let d = Driver::start("mute", options);
@@ -462,7 +462,7 @@ fn a_mute_card_makes_the_reader_recovering_by_its_deadline() {
 
 #[test]
 fn no_matching_reader_is_absent_and_names_the_readers_seen() {
-    let _exclusive = setup();
+    let _pcsc = setup();
     let d = Driver::start("nomatch", PcscOptions::new("ACR122"));
     let absent = d.wait_for("absent", 0, |r| is_health(r, ReaderState::Absent));
     match &d.reports()[absent] {
@@ -479,7 +479,7 @@ fn no_matching_reader_is_absent_and_names_the_readers_seen() {
 
 #[test]
 fn shutdown_cancels_the_wait_and_ends_the_named_thread() {
-    let _exclusive = setup();
+    let _pcsc = setup();
     let mut d = Driver::on_slot0("stop");
     d.wait_ok(0);
     assert!(
@@ -495,15 +495,40 @@ fn shutdown_cancels_the_wait_and_ends_the_named_thread() {
 
 #[test]
 fn list_readers_names_vpcds_readers_and_says_when_pcscd_is_not_running() {
-    let _exclusive = setup();
+    let mut pcsc = setup();
     let names = list_readers().expect("pcscd answers");
     assert!(
         names.iter().any(|n| n == SLOT_0.reader),
         "lists vpcd: {names:?}"
     );
-    kill_pcscd().expect("kill pcscd");
+    pcsc.kill_pcscd().expect("kill pcscd");
     let e = list_readers().expect_err("no pcscd");
     assert!(e.to_string().contains("pcscd is not running"), "{e}");
-    start_pcscd().expect("start pcscd");
+    pcsc.start_pcscd().expect("start pcscd");
     assert!(pcscd_answers());
+}
+
+#[test]
+fn a_sandboxed_test_never_touches_a_pcscd_it_did_not_start() {
+    // A process called pcscd in the machine's namespaces (a copy of `sleep`, so as not to
+    // disturb a real one an installed gateway may run).
+    let dir = std::env::temp_dir().join(format!("id06d-fake-pcscd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = dir.join("pcscd");
+    std::fs::copy("/bin/sleep", &fake).unwrap();
+    let mut machines = std::process::Command::new(&fake).arg("60").spawn().unwrap();
+    // A sandboxed test starts, kills and restarts its own pcscd ...
+    let mut pcsc = setup();
+    pcsc.kill_pcscd().expect("kill the test's pcscd");
+    assert!(!pcscd_answers());
+    pcsc.start_pcscd().expect("start it again");
+    drop(pcsc);
+    // ... and the machine's "pcscd" is still there.
+    assert!(
+        machines.try_wait().unwrap().is_none(),
+        "the machine's pcscd was killed"
+    );
+    let _ = machines.kill();
+    let _ = machines.wait();
+    let _ = std::fs::remove_dir_all(&dir);
 }
