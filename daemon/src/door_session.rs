@@ -75,28 +75,50 @@ impl DoorSession {
     }
 
     /// Runs until shutdown or until the decisions channel closes.
+    ///
+    /// The connection is polled by a task of its own, so that this one can wait for room in
+    /// rumqttc's queue: a burst of decisions is sent, not dropped, while the broker is there.
     pub async fn run(mut self) {
         let mut backoff = BACKOFF_MIN;
         let mut said_unreachable = false;
         loop {
-            let (client, mut eventloop) = AsyncClient::new(self.options(), 512);
+            let (client, mut eventloop) = AsyncClient::new(self.options(), 1024);
+            let (up_tx, mut up_rx) = mpsc::channel::<Result<(), String>>(4);
+            let poller = tokio::spawn(async move {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            if up_tx.send(Ok(())).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            let _ = up_tx.send(Err(e.to_string())).await;
+                            return;
+                        }
+                    }
+                }
+            });
             let mut connected = false;
             let lost = loop {
                 tokio::select! {
                     _ = self.shutdown.cancelled() => {
                         let _ = client.try_disconnect();
+                        poller.abort();
                         return;
                     }
-                    polled = eventloop.poll() => match polled {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    up = up_rx.recv() => match up {
+                        Some(Ok(())) => {
                             connected = true;
                             said_unreachable = false;
+                            tracing::info!(broker = %self.settings.url, "the decision session is connected");
                             backoff = BACKOFF_MIN;
                             // Decisions made while connecting: the last moments' still go.
                             let mut late = 0u64;
                             while let Ok(d) = self.decisions.try_recv() {
                                 if d.at.elapsed() <= DECISION_FRESH {
-                                    self.publish(&client, d);
+                                    self.publish(&client, d).await;
                                 } else {
                                     late += 1;
                                     Counters::bump(&self.shared.counters.decisions_dropped);
@@ -106,18 +128,20 @@ impl DoorSession {
                                 tracing::warn!(late, "{late} decisions made while the broker was out of reach are not published (too late for a door); their events are in the outbox and follow on P/event");
                             }
                         }
-                        Ok(_) => {}
-                        Err(e) => break e.to_string(),
+                        Some(Err(why)) => break why,
+                        None => break "the connection ended".to_string(),
                     },
                     decision = self.decisions.recv(), if connected => match decision {
-                        Some(d) => self.publish(&client, d),
+                        Some(d) => self.publish(&client, d).await,
                         None => {
                             let _ = client.try_disconnect();
+                            poller.abort();
                             return;
                         }
                     },
                 }
             };
+            poller.abort();
             if !said_unreachable {
                 tracing::warn!(broker = %self.settings.url, "the decision session lost the broker: {lost}; decisions are not queued meanwhile");
                 said_unreachable = true;
@@ -130,18 +154,21 @@ impl DoorSession {
         }
     }
 
-    fn publish(&self, client: &AsyncClient, d: DoorDecision) {
+    async fn publish(&self, client: &AsyncClient, d: DoorDecision) {
         let properties = PublishProperties {
             message_expiry_interval: Some(DECISION_EXPIRY_S),
             ..Default::default()
         };
-        match client.try_publish_with_properties(
-            self.topic.clone(),
-            QoS::AtLeastOnce,
-            false,
-            d.payload,
-            properties,
-        ) {
+        match client
+            .publish_with_properties(
+                self.topic.clone(),
+                QoS::AtLeastOnce,
+                false,
+                d.payload,
+                properties,
+            )
+            .await
+        {
             Ok(()) => Counters::bump(&self.shared.counters.decisions_published),
             Err(_) => Counters::bump(&self.shared.counters.decisions_dropped),
         }

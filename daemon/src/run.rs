@@ -183,7 +183,7 @@ pub async fn run(
     // MQTT.
     let (decisions_tx, decisions_rx) = mpsc::channel(256);
     let mqtt_stop = CancellationToken::new();
-    let (doors_tx, doors_rx) = mpsc::channel(1024);
+    let (doors_tx, doors_rx) = mpsc::channel(8192);
     let door_session = crate::door_session::DoorSession {
         settings: config.mqtt.clone(),
         password: password.clone(),

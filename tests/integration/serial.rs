@@ -240,3 +240,60 @@ repeat_ms = 1000
     );
     assert_eq!(daemon.terminate(), Some(0));
 }
+
+#[test]
+fn a_burst_of_5000_cards_on_a_line_reader_is_5000_events_and_5000_decisions() {
+    let rt = runtime();
+    let _enter = rt.enter();
+    let mut peer = PtyPeer::open().expect("a pty");
+    let dir = scratch();
+    let broker = broker(dir.path());
+    let config = TestConfig::write(
+        dir.path(),
+        &broker.url(),
+        &format!(
+            "[[reader]]\nname = \"gate\"\nkind = \"line\"\npath = \"{}\"\nbaud = 115200\ndirection = \"in\"\n",
+            peer.path().display()
+        ),
+    );
+    let p = config.base();
+    let topic = format!("{p}/reader/gate");
+    let sub = Subscriber::start(
+        broker.port,
+        "ledger-burst-5000",
+        &[&format!("{p}/event"), &format!("{p}/decision"), &topic],
+    );
+    let mut daemon = Daemon::start(&config);
+    wait_for("the line reader to be ok", Duration::from_secs(30), || {
+        reader_state(&sub, &topic) == "ok"
+    });
+    // Give the decision session its connection before the burst (decisions are not kept
+    // for a broker the gateway has not reached yet).
+    wait_for("the decision session", Duration::from_secs(10), || {
+        daemon.log_text().contains("the decision session is connected")
+    });
+    let lines: String = (0..5000u32)
+        .map(|i| format!("{}\n", card(8_000_000 + i)))
+        .collect();
+    let started = std::time::Instant::now();
+    rt.block_on(peer.write(lines.as_bytes())).unwrap();
+    wait_for(
+        "5000 events and 5000 decisions",
+        Duration::from_secs(120),
+        || {
+            sub.on(&format!("{p}/event")).len() >= 5000
+                && sub.on(&format!("{p}/decision")).len() >= 5000
+        },
+    );
+    eprintln!("5000 taps: events and decisions in {:?}", started.elapsed());
+    let (first, _) = check_delivery(&sub.events(&format!("{p}/event")));
+    assert_eq!(first.len(), 5000);
+    let decided: std::collections::BTreeSet<u64> = sub
+        .events(&format!("{p}/decision"))
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(decided, (1..=5000).collect(), "a decision for every tap");
+    assert_eq!(daemon.terminate(), Some(0));
+    assert!(!daemon.log_text().contains("not published"), "none dropped");
+}
