@@ -407,6 +407,113 @@ fn parse_broker_url(url: &str) -> Result<(String, u16, bool), String> {
     Ok((host, port, tls))
 }
 
+/// Resolves `[mqtt]` (relative paths through `resolve`).
+fn resolve_mqtt(
+    m: &RawMqtt,
+    default_client_id: String,
+    loc: &Located<'_>,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> Result<MqttSettings, ConfigError> {
+    let url_spanned = m.url.clone();
+    let url = url_spanned
+        .as_ref()
+        .map(|s| s.get_ref().clone())
+        .unwrap_or_else(|| "mqtt://127.0.0.1:1883".to_string());
+    let (host, port, tls) = parse_broker_url(&url).map_err(|m| match &url_spanned {
+        Some(s) => loc.at(s.span(), m),
+        None => loc.whole(m),
+    })?;
+    let topic_prefix = match &m.topic_prefix {
+        Some(p) => {
+            let v = p.get_ref().trim_end_matches('/').to_string();
+            if v.is_empty() || v.split('/').any(|lvl| !is_valid_topic_level(lvl)) {
+                return Err(loc.at(
+                    p.span(),
+                    format!(
+                        "[mqtt] topic_prefix {:?} must be non-empty topic levels without wildcards",
+                        p.get_ref()
+                    ),
+                ));
+            }
+            if v.starts_with('$') {
+                // Brokers keep topics that start with `$` for themselves ($SYS, $share):
+                // they acknowledge what is published there and deliver it to nobody.
+                return Err(loc.at(
+                    p.span(),
+                    format!("[mqtt] topic_prefix {:?} must not start with '$' (brokers reserve those topics; nobody would receive the events)", p.get_ref()),
+                ));
+            }
+            v
+        }
+        None => DEFAULT_TOPIC_PREFIX.to_string(),
+    };
+    if !tls && (m.ca_file.is_some() || m.client_cert.is_some() || m.client_key.is_some()) {
+        return Err(loc.whole("[mqtt] ca_file, client_cert and client_key need an mqtts:// url"));
+    }
+    if m.client_cert.is_some() != m.client_key.is_some() {
+        return Err(loc.whole("[mqtt] client_cert and client_key go together: set both or neither"));
+    }
+    if m.password_file.is_some() && m.username.is_none() {
+        return Err(loc.whole("[mqtt] password_file needs a username"));
+    }
+    let mqtt = MqttSettings {
+        url,
+        host,
+        port,
+        tls,
+        client_id: m.client_id.clone().unwrap_or(default_client_id),
+        username: m.username.clone(),
+        password_file: m.password_file.as_deref().map(resolve),
+        ca_file: m.ca_file.as_deref().map(resolve),
+        client_cert: m.client_cert.as_deref().map(resolve),
+        client_key: m.client_key.as_deref().map(resolve),
+        topic_prefix,
+    };
+    if mqtt.client_id.is_empty() || mqtt.client_id.len() > 256 {
+        return Err(loc.whole("[mqtt] client_id must be 1-256 characters"));
+    }
+    Ok(mqtt)
+}
+
+/// Only what the backend-side commands (`blocklist publish-update`, `publish-snapshot`)
+/// use: `[mqtt]` of `path`, a gateway's configuration or a file with nothing else.
+pub fn load_broker(path: &Path) -> Result<MqttSettings, ConfigError> {
+    #[derive(Deserialize)]
+    struct BrokerOnly {
+        #[serde(default)]
+        mqtt: RawMqtt,
+        #[serde(flatten)]
+        _rest: toml::Table,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError(format!(
+            "cannot read the configuration file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let loc = Located {
+        file: path,
+        text: &text,
+    };
+    let raw: BrokerOnly = toml::from_str(&text).map_err(|e| match e.span() {
+        Some(span) => loc.at(span, e.message().trim()),
+        None => loc.whole(e.message().trim()),
+    })?;
+    let base = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let resolve = |p: &str| -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
+    resolve_mqtt(&raw.mqtt, "id06d-publisher".into(), &loc, &resolve)
+}
+
 impl Config {
     /// Reads, validates and resolves a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -456,73 +563,12 @@ impl Config {
         }
 
         // [mqtt]
-        let url_spanned = raw.mqtt.url.clone();
-        let url = url_spanned
-            .as_ref()
-            .map(|s| s.get_ref().clone())
-            .unwrap_or_else(|| "mqtt://127.0.0.1:1883".to_string());
-        let (host, port, tls) = parse_broker_url(&url).map_err(|m| match &url_spanned {
-            Some(s) => loc.at(s.span(), m),
-            None => loc.whole(m),
-        })?;
-        let topic_prefix = match &raw.mqtt.topic_prefix {
-            Some(p) => {
-                let v = p.get_ref().trim_end_matches('/').to_string();
-                if v.is_empty() || v.split('/').any(|lvl| !is_valid_topic_level(lvl)) {
-                    return Err(loc.at(
-                        p.span(),
-                        format!("[mqtt] topic_prefix {:?} must be non-empty topic levels without wildcards", p.get_ref()),
-                    ));
-                }
-                if v.starts_with('$') {
-                    // Brokers keep topics that start with `$` for themselves ($SYS, $share):
-                    // they acknowledge what is published there and deliver it to nobody.
-                    return Err(loc.at(
-                        p.span(),
-                        format!("[mqtt] topic_prefix {:?} must not start with '$' (brokers reserve those topics; nobody would receive the events)", p.get_ref()),
-                    ));
-                }
-                v
-            }
-            None => DEFAULT_TOPIC_PREFIX.to_string(),
-        };
-        if !tls
-            && (raw.mqtt.ca_file.is_some()
-                || raw.mqtt.client_cert.is_some()
-                || raw.mqtt.client_key.is_some())
-        {
-            return Err(
-                loc.whole("[mqtt] ca_file, client_cert and client_key need an mqtts:// url")
-            );
-        }
-        if raw.mqtt.client_cert.is_some() != raw.mqtt.client_key.is_some() {
-            return Err(
-                loc.whole("[mqtt] client_cert and client_key go together: set both or neither")
-            );
-        }
-        if raw.mqtt.password_file.is_some() && raw.mqtt.username.is_none() {
-            return Err(loc.whole("[mqtt] password_file needs a username"));
-        }
-        let mqtt = MqttSettings {
-            url,
-            host,
-            port,
-            tls,
-            client_id: raw
-                .mqtt
-                .client_id
-                .clone()
-                .unwrap_or_else(|| format!("id06d-{}", raw.terminal_id.get_ref())),
-            username: raw.mqtt.username.clone(),
-            password_file: raw.mqtt.password_file.as_deref().map(resolve),
-            ca_file: raw.mqtt.ca_file.as_deref().map(resolve),
-            client_cert: raw.mqtt.client_cert.as_deref().map(resolve),
-            client_key: raw.mqtt.client_key.as_deref().map(resolve),
-            topic_prefix,
-        };
-        if mqtt.client_id.is_empty() || mqtt.client_id.len() > 256 {
-            return Err(loc.whole("[mqtt] client_id must be 1-256 characters"));
-        }
+        let mqtt = resolve_mqtt(
+            &raw.mqtt,
+            format!("id06d-{}", raw.terminal_id.get_ref()),
+            &loc,
+            &resolve,
+        )?;
 
         // [debounce]
         let d = raw.debounce;

@@ -81,10 +81,12 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join(SOCKET_NAME)
 }
 
-/// One exported event as it travels over the socket.
+/// One exported event, as it travels over the socket and as `events export --format json`
+/// prints it: `{"acked_by_broker":…,"stored_by_ledger":…,"event":{…}}`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ExportedEvent {
     /// Whether the broker has acknowledged it.
+    #[serde(rename = "acked_by_broker", alias = "delivered")]
     pub delivered: bool,
     /// Whether the ledger confirmed it stored it.
     #[serde(default)]

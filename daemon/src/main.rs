@@ -9,6 +9,9 @@ use id06d::outbox::Outbox;
 use id06d::store::Store;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+/// Where the configuration is when `--config` and `ID06D_CONFIG` do not say.
+const DEFAULT_CONFIG: &str = "/etc/id06d/id06d.toml";
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -27,7 +30,7 @@ enum Command {
     /// Run the daemon (what systemd starts).
     Run {
         /// The configuration file.
-        #[arg(long)]
+        #[arg(long, env = "ID06D_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// The whole pipeline on this machine: simulated readers, a private broker, a ledger.
@@ -35,7 +38,7 @@ enum Command {
     /// Validate a configuration and print the effective configuration.
     CheckConfig {
         /// The configuration file.
-        #[arg(long)]
+        #[arg(long, env = "ID06D_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// List the PC/SC readers and serial ports that can be used.
@@ -79,7 +82,7 @@ enum BlocklistCommand {
         #[arg(long)]
         allow_shrink: bool,
         /// The configuration file.
-        #[arg(long)]
+        #[arg(long, env = "ID06D_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// The status of one card, and the list's version and age.
@@ -87,13 +90,13 @@ enum BlocklistCommand {
         /// The card UID (any spelling: 04A1B2…, 04:a1:b2…).
         uid: String,
         /// The configuration file.
-        #[arg(long)]
+        #[arg(long, env = "ID06D_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Size, version, age and counts per status.
     Stats {
         /// The configuration file.
-        #[arg(long)]
+        #[arg(long, env = "ID06D_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Make a signing key pair: the secret goes to a file, the public key is printed
@@ -119,7 +122,7 @@ enum BlocklistCommand {
         #[arg(long)]
         key: Option<PathBuf>,
         /// The configuration file naming the broker and topic prefix.
-        #[arg(long)]
+        #[arg(long, env = "ID06D_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Publish a full list (CSV of uid,status) as the retained snapshot.
@@ -133,7 +136,7 @@ enum BlocklistCommand {
         #[arg(long)]
         key: Option<PathBuf>,
         /// The configuration file naming the broker and topic prefix.
-        #[arg(long)]
+        #[arg(long, env = "ID06D_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
 }
@@ -152,7 +155,7 @@ enum SiteListCommand {
         #[arg(long)]
         allow_shrink: bool,
         /// The configuration file.
-        #[arg(long)]
+        #[arg(long, env = "ID06D_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
 }
@@ -162,7 +165,7 @@ enum OutboxCommand {
     /// Events waiting for delivery and the oldest one's age.
     Stats {
         /// The configuration file.
-        #[arg(long)]
+        #[arg(long, env = "ID06D_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
 }
@@ -180,11 +183,23 @@ enum EventsCommand {
         /// RFC 3339 time (2026-11-22T06:00:00Z) or a date (2026-11-22, local midnight).
         #[arg(long)]
         since: String,
+        /// Only taps before this time (same spellings as --since; a date means its midnight).
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this stream (its UUID, as in `outbox stats`).
+        #[arg(long)]
+        stream: Option<String>,
+        /// Only seqs from this one on.
+        #[arg(long)]
+        from_seq: Option<u64>,
+        /// Only seqs up to this one.
+        #[arg(long)]
+        to_seq: Option<u64>,
         /// Output format.
         #[arg(long, value_enum, default_value = "csv")]
         format: Format,
         /// The configuration file.
-        #[arg(long)]
+        #[arg(long, env = "ID06D_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
 }
@@ -233,6 +248,14 @@ fn main() -> ExitCode {
             };
         }
     };
+    if !matches!(cli.command, Command::Run { .. } | Command::Demo) {
+        // A command whose output goes into `head` or a closed pipe ends quietly there, as
+        // Unix tools do, instead of failing on the write.
+        // SAFETY: restoring the default action of SIGPIPE before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = dispatch(cli.command);
     // The store is closed by now. Files a root command created in the daemon user's data
     // directory go to that user, or the daemon could not open them at its next start.
@@ -317,9 +340,39 @@ fn dispatch(command: Command) -> Result<(), Failure> {
         }
         Command::CheckConfig { config } => {
             let config = load_config(&config)?;
+            let file = config.source.display().to_string();
+            // Every file `run` will read is read now, not at the first connection.
+            read_password(&config).map_err(|f| usage(format!("{file}: {}", f.message)))?;
             if config.mqtt.tls {
-                // The CA, certificate and key files are read now, not at the first connection.
-                id06d::tls::client_config(&config.mqtt).map_err(|e| runtime(e.to_string()))?;
+                id06d::tls::client_config(&config.mqtt)
+                    .map_err(|e| usage(format!("{file}: [mqtt] {e}")))?;
+            }
+            let dir = &config.data_dir;
+            match std::fs::metadata(dir) {
+                Ok(m) if !m.is_dir() => {
+                    return Err(usage(format!(
+                        "{file}: data_dir {} is not a directory",
+                        dir.display()
+                    )))
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+                    if parent.is_some_and(|p| !p.is_dir()) {
+                        return Err(usage(format!(
+                            "{file}: data_dir {} cannot be created: {} does not exist",
+                            dir.display(),
+                            parent.map(|p| p.display().to_string()).unwrap_or_default()
+                        )));
+                    }
+                    eprintln!(
+                        "note: data_dir {} does not exist yet; `id06d run` creates it",
+                        dir.display()
+                    );
+                }
+            }
+            if config.readers.is_empty() {
+                eprintln!("warning: {file} has no [[reader]]: this gateway will record no taps");
             }
             print!("{}", config.render());
             Ok(())
@@ -386,12 +439,36 @@ fn dispatch(command: Command) -> Result<(), Failure> {
             command:
                 EventsCommand::Export {
                     since,
+                    until,
+                    stream,
+                    from_seq,
+                    to_seq,
                     format,
                     config,
                 },
         } => {
             let config = load_config(&config)?;
             let since = parse_since(&since).map_err(usage)?;
+            let until = match until {
+                Some(u) => {
+                    Some(parse_since(&u).map_err(|e| usage(e.replace("--since", "--until")))?)
+                }
+                None => None,
+            };
+            let stream = match stream {
+                Some(s) => Some(
+                    s.parse::<id06_protocol::StreamId>()
+                        .map_err(|e| usage(format!("--stream: {e}")))?,
+                ),
+                None => None,
+            };
+            if let (Some(a), Some(b)) = (from_seq, to_seq) {
+                if a > b {
+                    return Err(usage(format!(
+                        "--from-seq {a} is after --to-seq {b}: nothing to export"
+                    )));
+                }
+            }
             let events = match open_store_or_running(&config)? {
                 Some(store) => Outbox::open(&store)
                     .and_then(|outbox| outbox.events_since(since))
@@ -400,6 +477,15 @@ fn dispatch(command: Command) -> Result<(), Failure> {
                 None => id06d::control::remote_events_since(&config.data_dir, since)
                     .map_err(|e| runtime(e.to_string()))?,
             };
+            let events: Vec<_> = events
+                .into_iter()
+                .filter(|(e, _, _)| {
+                    until.is_none_or(|u| e.occurred_at < u)
+                        && stream.is_none_or(|s| e.stream == s)
+                        && from_seq.is_none_or(|a| e.seq >= a)
+                        && to_seq.is_none_or(|b| e.seq <= b)
+                })
+                .collect();
             export(&events, format).map_err(|e| runtime(format!("cannot write the export: {e}")))
         }
     }
@@ -430,8 +516,14 @@ fn export(events: &[(id06_protocol::Event, bool, bool)], format: Format) -> std:
     let mut out = std::io::BufWriter::new(stdout.lock());
     match format {
         Format::Json => {
-            for (e, _, _) in events {
-                out.write_all(&e.to_json())?;
+            // The same columns as the CSV: the event, and how far it got.
+            for (e, acked, stored) in events {
+                let line = id06d::control::ExportedEvent {
+                    delivered: *acked,
+                    stored_by_ledger: *stored,
+                    event: e.clone(),
+                };
+                serde_json::to_writer(&mut out, &line)?;
                 out.write_all(b"\n")?;
             }
         }
@@ -613,7 +705,7 @@ fn blocklist(command: BlocklistCommand) -> Result<(), Failure> {
             Ok(())
         }
         BlocklistCommand::PublishUpdate { file, key, config } => {
-            let config = load_config(&config)?;
+            let mqtt = id06d::config::load_broker(&config).map_err(|e| usage(e.to_string()))?;
             let mut update = read_update(&file)?;
             if let Some(k) = key {
                 update.signature = Some(id06d::signing::sign(
@@ -621,15 +713,12 @@ fn blocklist(command: BlocklistCommand) -> Result<(), Failure> {
                     &update.canonical_bytes(),
                 ));
             }
-            let topics = id06_protocol::Topics::new(
-                &config.mqtt.topic_prefix,
-                &config.site_id,
-                &config.terminal_id,
-            );
+            // The blocklist's topics depend on the prefix alone.
+            let topics = id06_protocol::Topics::new(&mqtt.topic_prefix, "-", "-");
             let payload = serde_json::to_vec(&update).unwrap_or_default();
             let label = format!("update {}→{}", update.from_version, update.to_version);
             publish(
-                &config,
+                &mqtt,
                 vec![id06d::publish::Message {
                     topic: topics.blocklist_update(),
                     payload,
@@ -644,13 +733,10 @@ fn blocklist(command: BlocklistCommand) -> Result<(), Failure> {
             key,
             config,
         } => {
-            let config = load_config(&config)?;
+            let mqtt = id06d::config::load_broker(&config).map_err(|e| usage(e.to_string()))?;
             let entries = read_csv(&file, "nothing published")?;
-            let topics = id06_protocol::Topics::new(
-                &config.mqtt.topic_prefix,
-                &config.site_id,
-                &config.terminal_id,
-            );
+            // The blocklist's topics depend on the prefix alone.
+            let topics = id06_protocol::Topics::new(&mqtt.topic_prefix, "-", "-");
             let (mut manifest, mut messages) =
                 id06d::publish::snapshot_messages(&topics.blocklist_snapshot(), version, &entries);
             if let Some(k) = key {
@@ -669,7 +755,7 @@ fn blocklist(command: BlocklistCommand) -> Result<(), Failure> {
                 entries.len(),
                 manifest.chunks
             );
-            publish(&config, messages, &label)
+            publish(&mqtt, messages, &label)
         }
         BlocklistCommand::Stats { config } => {
             let config = load_config(&config)?;
@@ -842,7 +928,11 @@ fn read_csv(
 }
 
 fn read_password(config: &Config) -> Result<Option<String>, Failure> {
-    match &config.mqtt.password_file {
+    read_broker_password(&config.mqtt)
+}
+
+fn read_broker_password(mqtt: &id06d::config::MqttSettings) -> Result<Option<String>, Failure> {
+    match &mqtt.password_file {
         Some(p) => std::fs::read_to_string(p)
             .map(|t| Some(t.trim_end_matches(['\r', '\n']).to_string()))
             .map_err(|e| {
@@ -867,16 +957,16 @@ fn load_key(path: &Path) -> Result<ed25519_dalek::SigningKey, Failure> {
 }
 
 fn publish(
-    config: &Config,
+    mqtt: &id06d::config::MqttSettings,
     messages: Vec<id06d::publish::Message>,
     label: &str,
 ) -> Result<(), Failure> {
-    let password = read_password(config)?;
+    let password = read_broker_password(mqtt)?;
     let rt = tokio_runtime()?;
     let total = messages.len();
     let mut last = std::time::Instant::now();
     rt.block_on(id06d::publish::publish_all(
-        &config.mqtt,
+        mqtt,
         password,
         messages,
         |done, all| {
@@ -887,10 +977,7 @@ fn publish(
         },
     ))
     .map_err(runtime)?;
-    println!(
-        "published {label} ({total} message(s)) to {}",
-        config.mqtt.url
-    );
+    println!("published {label} ({total} message(s)) to {}", mqtt.url);
     Ok(())
 }
 

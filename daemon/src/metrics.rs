@@ -101,6 +101,16 @@ impl MetricsSource {
         let _ = writeln!(s, "# HELP id06d_ledger_confirmed_seq The seq of the current stream up to which the ledger confirmed it stored every event (P/ack).\n# TYPE id06d_ledger_confirmed_seq gauge\nid06d_ledger_confirmed_seq {confirmed}");
         let _ = writeln!(s, "# HELP id06d_ledger_unconfirmed Events the ledger has not confirmed (with [ledger] confirm).\n# TYPE id06d_ledger_unconfirmed gauge\nid06d_ledger_unconfirmed {}", self.outbox.unconfirmed());
         let _ = writeln!(s, "# HELP id06d_last_seq The highest seq recorded in the current stream.\n# TYPE id06d_last_seq gauge\nid06d_last_seq {}", self.outbox.last_seq());
+        let flag = |b: bool| u8::from(b);
+        let _ = writeln!(s, "# HELP id06d_broker_connected Whether the publishing session is connected to the broker.\n# TYPE id06d_broker_connected gauge\nid06d_broker_connected {}", flag(self.shared.broker_connected.load(std::sync::atomic::Ordering::Acquire)));
+        let _ = writeln!(s, "# HELP id06d_clock_synced Whether the system clock is known to be synchronised.\n# TYPE id06d_clock_synced gauge\nid06d_clock_synced {}", flag(crate::clock::clock_synced()));
+        let storage_error = self
+            .shared
+            .storage_error
+            .lock()
+            .map(|e| e.is_some())
+            .unwrap_or(true);
+        let _ = writeln!(s, "# HELP id06d_storage_error Whether taps cannot be stored now (a full or unusable disk).\n# TYPE id06d_storage_error gauge\nid06d_storage_error {}", flag(storage_error));
         let index = self.blocklist.index();
         let _ = writeln!(s, "# HELP id06d_blocklist_version Version of the blocklist in force.\n# TYPE id06d_blocklist_version gauge\nid06d_blocklist_version {}", index.version);
         let _ = writeln!(s, "# HELP id06d_blocklist_cards Listed cards.\n# TYPE id06d_blocklist_cards gauge\nid06d_blocklist_cards {}", index.len());

@@ -319,6 +319,7 @@ impl MqttTask {
                     match polled {
                         Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                             connected = true;
+                            self.shared.broker_connected.store(true, std::sync::atomic::Ordering::Release);
                             // Decisions made while the broker was out of reach: their
                             // events are in the outbox and go out from there (the door
                             // session publishes the decisions themselves).
@@ -371,6 +372,7 @@ impl MqttTask {
                         }
                         Ok(_) => {}
                         Err(e) => {
+                            self.shared.broker_connected.store(false, std::sync::atomic::Ordering::Release);
                             self.flush_acks(&mut window);
                             return (End::Lost(describe(&e, &self.settings)), connected);
                         }

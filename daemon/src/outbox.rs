@@ -869,9 +869,11 @@ impl Outbox {
         for item in j.scan_prefix([EVENT]) {
             let (k, v) = item.map_err(|e| self.err(e))?;
             let Some(pos) = pos_of(&k) else { continue };
+            // Not a break at the first recent one: an event dated in the future (a clock
+            // that was wrong once) must not keep older ones from going.
             let old = Event::from_json(&v).map_or(true, |e| e.occurred_at < cutoff);
             if !old {
-                break;
+                continue;
             }
             if j.contains_key(key(PENDING, pos)).map_err(|e| self.err(e))? {
                 continue;
@@ -1202,5 +1204,25 @@ mod tests {
             .archived_range(&StreamId::from_random([2; 16]), 1, 2, 10)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn an_event_dated_in_the_future_does_not_stop_pruning() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "t1").unwrap();
+        let o = Outbox::open(&store).unwrap();
+        // 2 was recorded while the clock was a year ahead.
+        let times = [100, 10_000_000_000_000, 300, 400];
+        o.commit(times.iter().map(|t| draft("04A1B2C3", *t)).collect(), &[])
+            .unwrap();
+        o.ack_many(&[1, 2, 3, 4]).unwrap();
+        assert_eq!(o.prune_delivered(UtcMillis(1000)).unwrap(), (3, 0));
+        let left: Vec<u64> = o
+            .events_since(UtcMillis(0))
+            .unwrap()
+            .iter()
+            .map(|(e, _, _)| e.seq)
+            .collect();
+        assert_eq!(left, vec![2]);
     }
 }

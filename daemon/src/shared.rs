@@ -87,6 +87,8 @@ pub struct Shared {
     pub blocklist_gap: Mutex<Option<[u64; 2]>>,
     /// The retained status should be published again soon.
     pub status_dirty: std::sync::atomic::AtomicBool,
+    /// The publishing session is connected to the broker.
+    pub broker_connected: std::sync::atomic::AtomicBool,
     /// Liveness of the work loops, for the systemd watchdog.
     pub heartbeat: Heartbeat,
     /// Signalled whenever events leave the outbox acknowledged (for benchmarks and tests
@@ -164,6 +166,7 @@ impl Shared {
             storage_unusable: Mutex::new(None),
             blocklist_gap: Mutex::new(None),
             status_dirty: std::sync::atomic::AtomicBool::new(false),
+            broker_connected: std::sync::atomic::AtomicBool::new(false),
             heartbeat: Heartbeat::default(),
             delivered: Notify::new(),
         }

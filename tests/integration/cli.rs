@@ -224,3 +224,121 @@ fn read_only_commands_never_create_a_data_directory() {
     assert_eq!(code, 1, "{err}");
     assert_eq!(std::fs::read_dir(&data).unwrap().count(), 0);
 }
+
+#[test]
+fn config_defaults_to_the_documented_place_and_id06d_config() {
+    let dir = scratch();
+    let cfg = write(dir.path(), BASE);
+    import_list(&cfg, "04A1B2C3D4E5F6,blocked\n", &[]);
+    // Without --config: ID06D_CONFIG, else /etc/id06d/id06d.toml (named when missing).
+    let out = std::process::Command::new(ID06D)
+        .args(["outbox", "stats"])
+        .env("ID06D_CONFIG", &cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !std::path::Path::new("/etc/id06d/id06d.toml").exists() {
+        let out = std::process::Command::new(ID06D)
+            .args(["outbox", "stats"])
+            .env_remove("ID06D_CONFIG")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("/etc/id06d/id06d.toml"));
+    }
+}
+
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() {
+    let dir = scratch();
+    let cfg = write(dir.path(), BASE);
+    import_list(&cfg, "04A1B2C3D4E5F6,blocked\n", &[]);
+    for args in [
+        vec!["outbox", "stats", "--config", &cfg],
+        vec!["blocklist", "stats", "--config", &cfg],
+        vec!["check-config", "--config", &cfg],
+    ] {
+        let mut child = std::process::Command::new(ID06D)
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the reader goes away before anything is written
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(!err.contains("Broken pipe"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn check_config_reads_what_run_will_read() {
+    let dir = scratch();
+    let readers =
+        "[[reader]]\nname = \"entry\"\nkind = \"pcsc\"\nmatch = \"ACR\"\ndirection = \"in\"\n";
+    // A password file that is not there.
+    let cfg = write(
+        dir.path(),
+        &format!("{BASE}[mqtt]\nusername = \"gate\"\npassword_file = \"nope.pw\"\n{readers}"),
+    );
+    let (code, _, err) = id06d(&["check-config", "--config", &cfg]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("c.toml") && err.contains("password_file") && err.contains("nope.pw"),
+        "{err}"
+    );
+    // A data_dir that is a file.
+    std::fs::write(dir.path().join("data"), b"x").unwrap();
+    let cfg = write(dir.path(), &format!("{BASE}{readers}"));
+    let (code, _, err) = id06d(&["check-config", "--config", &cfg]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("data_dir") && err.contains("not a directory"),
+        "{err}"
+    );
+    std::fs::remove_file(dir.path().join("data")).unwrap();
+    // No reader: it passes, with a warning.
+    let cfg = write(dir.path(), BASE);
+    let (code, _, err) = id06d(&["check-config", "--config", &cfg]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("no [[reader]]"), "{err}");
+}
+
+#[test]
+fn the_backend_side_commands_need_only_the_broker() {
+    let dir = scratch();
+    let broker = broker(dir.path());
+    // A file with only [mqtt]: enough to publish an update.
+    let cfg = write(dir.path(), &format!("[mqtt]\nurl = \"{}\"\n", broker.url()));
+    let update = dir.path().join("u.json");
+    std::fs::write(
+        &update,
+        r#"{"schema":"id06d/blocklist-update/v1","from_version":0,"to_version":1,"set":[],"clear":[]}"#,
+    )
+    .unwrap();
+    let (code, out, err) = id06d(&[
+        "blocklist",
+        "publish-update",
+        update.to_str().unwrap(),
+        "--config",
+        &cfg,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("published update 0→1"), "{out}");
+    // Its mistakes are still named.
+    let bad = write(dir.path(), "[mqtt]\nurl = \"http://x\"\n");
+    let (code, _, err) = id06d(&[
+        "blocklist",
+        "publish-update",
+        update.to_str().unwrap(),
+        "--config",
+        &bad,
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("c.toml:2") && err.contains("mqtt://"), "{err}");
+}

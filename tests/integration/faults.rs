@@ -588,7 +588,12 @@ fn power_cuts_lose_no_tap_whose_decision_was_published() {
     let json = export_events(config.path.to_str().unwrap(), "json");
     let archived: Vec<id06_protocol::Event> = json
         .lines()
-        .map(|l| id06_protocol::Event::from_json(l.as_bytes()).expect("an exported event"))
+        .map(|l| {
+            let line: id06d::control::ExportedEvent =
+                serde_json::from_str(l).expect("an exported event");
+            assert!(line.delivered, "acked by the broker: {l}");
+            line.event
+        })
         .collect();
     assert_eq!(
         archived.iter().map(|e| e.seq).collect::<Vec<_>>(),

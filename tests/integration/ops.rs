@@ -78,6 +78,9 @@ fn metrics_count_taps_decisions_and_delivery() {
         "id06d_blocklist_version 1",
         "id06d_blocklist_cards 1",
         "id06d_reader_recoveries_total{reader=\"gate\"} 0",
+        "id06d_broker_connected 1",
+        "id06d_storage_error 0",
+        "id06d_last_seq 2",
     ] {
         assert!(
             text.lines().any(|l| l == line),
@@ -268,14 +271,58 @@ fn events_export_outbox_stats_and_blocklist_lookups_work_while_the_daemon_runs_a
     }
     assert!(lines[2].contains(",denied,suspended,"), "{}", lines[2]);
     let json = export("json");
-    let events: Vec<id06_protocol::Event> = json
+    // The same columns as the CSV: the event, acknowledged by the broker, stored by the ledger.
+    let lines: Vec<id06d::control::ExportedEvent> = json
         .lines()
-        .map(|l| serde_json::from_str(l).expect("an event per line"))
+        .map(|l| serde_json::from_str(l).expect("an exported event per line"))
         .collect();
     assert_eq!(
-        events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        lines.iter().map(|l| l.event.seq).collect::<Vec<_>>(),
         vec![1, 2, 3]
     );
+    assert!(
+        json.lines()
+            .all(|l| l.contains("\"acked_by_broker\":true")
+                && l.contains("\"stored_by_ledger\":false")),
+        "{json}"
+    );
+    // Narrowed: a seq range, a stream, a time window.
+    let narrowed = |extra: &[&str]| {
+        let mut args = vec![
+            "events",
+            "export",
+            "--since",
+            "2020-01-01",
+            "--config",
+            &path,
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = id06d(&args);
+        assert_eq!(code, 0, "{extra:?}: {err}");
+        out.lines().count() - 1
+    };
+    assert_eq!(narrowed(&["--from-seq", "2", "--to-seq", "2"]), 1);
+    assert_eq!(narrowed(&["--from-seq", "2"]), 2);
+    let stream = lines[0].event.stream.to_string();
+    assert_eq!(narrowed(&["--stream", &stream]), 3);
+    assert_eq!(
+        narrowed(&["--stream", "0f9c2b7e-5d41-4c8a-9e3b-2a6d1f0c7b95"]),
+        0
+    );
+    assert_eq!(narrowed(&["--until", "2020-01-02"]), 0);
+    let (code, _, err) = id06d(&[
+        "events",
+        "export",
+        "--since",
+        "2020-01-01",
+        "--from-seq",
+        "3",
+        "--to-seq",
+        "2",
+        "--config",
+        &path,
+    ]);
+    assert_eq!(code, 2, "{err}");
 
     // The blocklist in force, from the running daemon.
     let lookup = || {

@@ -270,7 +270,9 @@ fn a_burst_of_5000_cards_on_a_line_reader_is_5000_events_and_5000_decisions() {
     // Give the decision session its connection before the burst (decisions are not kept
     // for a broker the gateway has not reached yet).
     wait_for("the decision session", Duration::from_secs(10), || {
-        daemon.log_text().contains("the decision session is connected")
+        daemon
+            .log_text()
+            .contains("the decision session is connected")
     });
     let lines: String = (0..5000u32)
         .map(|i| format!("{}\n", card(8_000_000 + i)))
