@@ -1,5 +1,11 @@
 //! The optional Prometheus endpoint (`[metrics] listen`): `GET /metrics` in the text
 //! exposition format. Meant for loopback; a tiny HTTP/1.0 responder, no framework.
+//!
+//! Bounded: at most [`MAX_CONNECTIONS`] connections are taken at a time (the rest wait in
+//! the kernel's backlog, holding none of our file descriptors), each gets 5 s to send its
+//! request and 5 s to take the answer, and a failing `accept` (no file descriptors left)
+//! waits before trying again instead of spinning. So idle or slow clients cannot use up
+//! the descriptors the outbox, the MQTT sessions and the control socket need.
 
 use crate::blocklist::Blocklist;
 use crate::outbox::Outbox;
@@ -144,27 +150,39 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(listener)
 }
 
+/// Connections served at a time, at most.
+pub const MAX_CONNECTIONS: usize = 32;
+const CLIENT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves `GET /metrics` on a bound socket until the task is dropped.
 pub async fn serve(listener: std::net::TcpListener, source: MetricsSource) -> std::io::Result<()> {
     let listener = TcpListener::from_std(listener)?;
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut complained: Option<std::time::Instant> = None;
     loop {
+        // Take a connection only when one can be served.
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return Ok(());
+        };
         let (mut stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
-                tracing::debug!("metrics accept failed: {e}");
+                if complained.is_none_or(|t| t.elapsed().as_secs() >= 60) {
+                    tracing::warn!("the metrics endpoint cannot take connections: {e}");
+                    complained = Some(std::time::Instant::now());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                 continue;
             }
         };
         let source = source.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut buf = [0u8; 1024];
-            let Ok(Ok(n)) = tokio::time::timeout(
-                std::time::Duration::from_secs(5),
-                read_head(&mut stream, &mut buf),
-            )
-            .await
+            let Ok(Ok(n)) =
+                tokio::time::timeout(CLIENT_DEADLINE, read_head(&mut stream, &mut buf)).await
             else {
                 return;
             };
@@ -179,8 +197,11 @@ pub async fn serve(listener: std::net::TcpListener, source: MetricsSource) -> st
                 "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            let _ = tokio::time::timeout(CLIENT_DEADLINE, async {
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            })
+            .await;
         });
     }
 }

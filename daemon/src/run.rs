@@ -73,6 +73,7 @@ pub async fn run(
     on_started: impl FnOnce(&Running),
 ) -> Result<(), RunError> {
     let started_at = UtcMillis::now();
+    raise_open_files_limit();
     let store = {
         let dir = config.data_dir.clone();
         let terminal = config.terminal_id.clone();
@@ -468,6 +469,20 @@ pub async fn run(
     match failure {
         Some(f) => Err(RunError::Internal(f)),
         None => Ok(()),
+    }
+}
+
+/// Raises the soft limit on open files to the hard one (systemd's default soft limit is
+/// 1024): the outbox, three MQTT sessions, readers, the control socket and the metrics
+/// endpoint all need descriptors.
+fn raise_open_files_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct we own.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max.min(65_536);
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
     }
 }
 

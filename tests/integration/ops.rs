@@ -382,3 +382,85 @@ fn events_export_outbox_stats_and_blocklist_lookups_work_while_the_daemon_runs_a
     assert_eq!(first_line(&lookup()), first_line(&running_lookup));
     assert_eq!(first_line(&bl_stats()), first_line(&running_stats));
 }
+
+#[test]
+fn two_thousand_idle_metrics_connections_stop_neither_taps_nor_the_control_socket() {
+    // This test opens thousands of sockets itself.
+    // SAFETY: getrlimit/setrlimit on this test process's own limits.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max.min(8192);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    let dir = scratch();
+    let broker = broker(dir.path());
+    let config = stream_config(
+        dir.path(),
+        &broker.url(),
+        600,
+        100,
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let path = config.path.to_str().unwrap().to_string();
+    let p = config.base();
+    let sub = Subscriber::start(broker.port, "ledger-idle-http", &[&format!("{p}/event")]);
+    // The daemon under systemd's default soft limit of 1024 descriptors.
+    let mut daemon = Daemon::start_under(&config, &["prlimit", "--nofile=1024:1024", "--"]);
+    let mut port = 0u16;
+    wait_for(
+        "the metrics address in the log",
+        Duration::from_secs(20),
+        || {
+            port = daemon
+                .log_text()
+                .split("metrics at http://127.0.0.1:")
+                .nth(1)
+                .and_then(|t| t.split('/').next())
+                .and_then(|p| p.trim().parse().ok())
+                .unwrap_or(0);
+            port != 0
+        },
+    );
+    // 2000 connections that send nothing, opened at once; those beyond the endpoint's
+    // limit and the kernel's backlog hang in the handshake.
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let idle: Vec<tokio::net::TcpStream> = rt.block_on(async {
+        let attempts: Vec<_> = (0..2000)
+            .map(|_| {
+                tokio::spawn(tokio::time::timeout(
+                    Duration::from_secs(3),
+                    tokio::net::TcpStream::connect(addr),
+                ))
+            })
+            .collect();
+        let mut open = Vec::new();
+        for a in attempts {
+            if let Ok(Ok(Ok(s))) = a.await {
+                open.push(s);
+            }
+        }
+        open
+    });
+    eprintln!("{} idle connections open", idle.len());
+    let before = sub.events(&format!("{p}/event")).len();
+    wait_for("taps delivered meanwhile", Duration::from_secs(20), || {
+        sub.events(&format!("{p}/event")).len() >= before + 20
+    });
+    let (code, out, err) = id06d(&["outbox", "stats", "--config", &path]);
+    assert_eq!(code, 0, "the control socket answers: {err}");
+    assert!(out.contains("last seq"), "{out}");
+    drop(idle);
+    drop(rt);
+    wait_for("/metrics again", Duration::from_secs(20), || {
+        http_get(port, "/metrics").contains("id06d_taps_total")
+    });
+    assert_eq!(daemon.terminate(), Some(0));
+    let text = daemon.log_text();
+    assert!(!text.contains("Too many open files"), "{text}");
+}

@@ -93,11 +93,25 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `id06d run --config path`.
     pub fn start(config: &TestConfig) -> Daemon {
+        Daemon::start_under(config, &[])
+    }
+
+    /// Starts `WRAPPER… id06d run --config path`, for a wrapper that execs its command
+    /// (`prlimit --nofile=1024:1024 --`), so that the child is the daemon.
+    pub fn start_under(config: &TestConfig, wrapper: &[&str]) -> Daemon {
         let dir = config.path.parent().expect("config dir");
         let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
         let log = dir.join(format!("daemon-{n}.log"));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(ID06D)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(ID06D);
+                c
+            }
+            None => Command::new(ID06D),
+        };
+        let child = command
             .args(["run", "--config"])
             .arg(&config.path)
             .env("RUST_LOG", "info,id06d=debug,rumqttc=warn")
