@@ -15,8 +15,8 @@
 
 use criterion::{BenchmarkId, Criterion};
 use id06_protocol::{BlocklistUpdate, CardStatus, CardUid, SetEntry, UtcMillis, UPDATE_SCHEMA};
-use id06d::blocklist::{parse_csv, Blocklist};
-use id06d::index::CompactIndex;
+use id06d::lists::blocklist::{parse_csv, Blocklist};
+use id06d::lists::index::CompactIndex;
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -21,12 +21,12 @@ use id06_protocol::{
     CardStatus, CardUid, Decision, Direction, Event, EventSchema, StreamId, UtcMillis,
 };
 use id06_readers::{Observation, ReaderMessage, Report};
-use id06d::broker::LocalBroker;
 use id06d::config::Config;
-use id06d::outbox::Outbox;
+use id06d::mqtt::broker::LocalBroker;
 use id06d::run::{run, RunOptions};
 use id06d::shared::Counters;
-use id06d::store::Store;
+use id06d::storage::outbox::Outbox;
+use id06d::storage::store::Store;
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use std::io::Write;
 use std::os::unix::fs::FileExt;

@@ -14,7 +14,7 @@ use id06_ledger::Store;
 use id06_protocol::{
     CardStatus, CardUid, Decision, Direction, Event, EventSchema, StreamId, UtcMillis,
 };
-use id06d::broker::LocalBroker;
+use id06d::mqtt::broker::LocalBroker;
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use std::path::Path;
 use std::time::{Duration, Instant};

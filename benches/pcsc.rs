@@ -18,8 +18,8 @@
 
 use criterion::Criterion;
 use id06_readers::vpcd_card::{sandbox, wait_slot_empty, CardBehaviour, VirtualCard, SLOT_0};
-use id06d::broker::LocalBroker;
 use id06d::config::Config;
+use id06d::mqtt::broker::LocalBroker;
 use id06d::run::{run, RunOptions};
 use id06d::shared::Counters;
 use pcsc::{Context, Protocols, ReaderState, Scope, ShareMode, State};

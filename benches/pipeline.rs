@@ -15,12 +15,12 @@ use id06_protocol::{
     CardStatus, CardUid, Decision, Direction, Event, EventSchema, StreamId, UtcMillis,
 };
 use id06_readers::Observation;
-use id06d::blocklist::Blocklist;
 use id06d::config::{DebounceSettings, WhenStale};
-use id06d::debounce::Debouncer;
-use id06d::decide::decide;
-use id06d::outbox::Outbox;
-use id06d::store::Store;
+use id06d::lists::blocklist::Blocklist;
+use id06d::storage::outbox::Outbox;
+use id06d::storage::store::Store;
+use id06d::tap::debounce::Debouncer;
+use id06d::tap::decide::decide;
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::io::Write;

@@ -588,7 +588,7 @@ impl Config {
             return Err(loc.whole("[events] keep_days must be between 1 and 3650"));
         }
         if let Some(k) = &raw.blocklist.public_key {
-            crate::signing::parse_public_key(k).map_err(|e| loc.whole(e))?;
+            crate::lists::signing::parse_public_key(k).map_err(|e| loc.whole(e))?;
         }
         if raw.blocklist.max_age_hours == 0 {
             return Err(loc.whole("[blocklist] max_age_hours must be more than 0"));

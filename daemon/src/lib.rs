@@ -20,7 +20,7 @@
 //! use id06_protocol::CardUid;
 //! use id06_readers::Observation;
 //! use id06d::config::DebounceSettings;
-//! use id06d::debounce::{Debouncer, Verdict};
+//! use id06d::tap::debounce::{Debouncer, Verdict};
 //!
 //! let card = CardUid::parse("04A1B2C3D4E5F6").unwrap();
 //! let mut d = Debouncer::new(DebounceSettings::default());
@@ -33,33 +33,25 @@
 //! d.observe(2500, 0, &Observation::NoCard);
 //! assert_eq!(d.observe(3000, 0, &Observation::Card(card)).verdict, Some(Verdict::Duplicate(card)));
 //! ```
-pub mod blocklist;
-pub mod blocklist_sync;
-pub mod broker;
-pub mod clock;
+//! Where things live:
+//!
+//! | folder | concern |
+//! | --- | --- |
+//! | [`tap`] | the tap path: reader tasks, debouncer, decision, the pipeline that records |
+//! | [`storage`] | the data directory: outbox, its write-ahead log and marks, recovery, disk guard |
+//! | [`lists`] | national blocklist, site list, their index, signing and MQTT sync |
+//! | [`mqtt`] | broker sessions: event delivery, decisions to doors, list inputs, ledger acks, TLS |
+//! | [`ops`] | for operators: control socket, metrics, clock |
+//! | [`cli`] | one file per command group; `main.rs` only calls [`cli::main`] |
+//!
+//! [`config`] (the configuration file), [`shared`] (counters and reader states read by
+//! `ops`) and [`run`] (`id06d run`: wires the above together) sit at the top.
+pub mod cli;
 pub mod config;
-pub mod control;
-pub mod debounce;
-pub mod decide;
-pub mod demo;
-pub mod diskguard;
-pub mod door_session;
-pub mod index;
-pub mod ledger_inbox;
-pub mod list_session;
-pub mod mark;
-pub mod metrics;
+pub mod lists;
 pub mod mqtt;
-pub mod outbox;
-pub mod pipeline;
-pub mod publish;
-pub mod readers;
-pub mod recovery;
+pub mod ops;
 pub mod run;
 pub mod shared;
-pub mod signing;
-pub mod site_list;
-pub mod store;
-pub mod tls;
-pub mod wal;
-pub mod watch;
+pub mod storage;
+pub mod tap;

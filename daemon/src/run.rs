@@ -2,15 +2,15 @@
 //! and stop them in order (DESIGN.md §5): readers first, then the pipeline writes what is in
 //! flight, then MQTT delivers what it can and says goodbye, then sled is flushed.
 
-use crate::blocklist::Blocklist;
 use crate::config::Config;
-use crate::debounce::Debouncer;
-use crate::mqtt::MqttTask;
-use crate::outbox::Outbox;
-use crate::pipeline::{Pipeline, ReaderInfo};
-use crate::readers::spawn_reader;
+use crate::lists::blocklist::Blocklist;
+use crate::mqtt::delivery::MqttTask;
 use crate::shared::Shared;
-use crate::store::{Store, StoreError};
+use crate::storage::outbox::Outbox;
+use crate::storage::store::{Store, StoreError};
+use crate::tap::debounce::Debouncer;
+use crate::tap::pipeline::{Pipeline, ReaderInfo};
+use crate::tap::readers::spawn_reader;
 use id06_protocol::{Topics, UtcMillis};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,7 +83,9 @@ pub async fn run(
     };
     let outbox = Outbox::open(&store)?;
     outbox.set_ledger_confirm(config.ledger.confirm);
-    let (unstored_record, lost) = match crate::diskguard::UnstoredRecord::open(&config.data_dir) {
+    let (unstored_record, lost) = match crate::storage::diskguard::UnstoredRecord::open(
+        &config.data_dir,
+    ) {
         Ok((r, lost)) => (Some(r), lost),
         Err(e) => {
             tracing::warn!("cannot keep unstored.state in {}: {e}; taps lost to a full disk and a crash would go unreported", config.data_dir.display());
@@ -100,7 +102,7 @@ pub async fn run(
         tracing::error!("{r}");
     }
     let blocklist = Blocklist::open(&store.db, &store.dir)?;
-    let site_list = crate::site_list::SiteList::open(&store.db, &store.dir)?;
+    let site_list = crate::lists::site_list::SiteList::open(&store.db, &store.dir)?;
     let password = match &config.mqtt.password_file {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -116,7 +118,10 @@ pub async fn run(
         None => None,
     };
     let tls = if config.mqtt.tls {
-        Some(crate::tls::client_config(&config.mqtt).map_err(|e| RunError::Setup(e.to_string()))?)
+        Some(
+            crate::mqtt::tls::client_config(&config.mqtt)
+                .map_err(|e| RunError::Setup(e.to_string()))?,
+        )
     } else {
         None
     };
@@ -126,7 +131,7 @@ pub async fn run(
     if config.readers.is_empty() {
         tracing::warn!("no [[reader]] configured: this gateway will record no taps");
     }
-    if !crate::clock::clock_synced() {
+    if !crate::ops::clock::clock_synced() {
         tracing::warn!("the system clock is not synchronised (no NTP yet?); events carry clock_synced = false until it is");
     }
     let index = blocklist.index();
@@ -156,19 +161,19 @@ pub async fn run(
 
     // Blocklist updates from MQTT.
     let public_key = match &config.blocklist.public_key {
-        Some(k) => Some(crate::signing::parse_public_key(k).map_err(RunError::Setup)?),
+        Some(k) => Some(crate::lists::signing::parse_public_key(k).map_err(RunError::Setup)?),
         None => None,
     };
-    let sync = crate::blocklist_sync::BlocklistSync::new(
+    let sync = crate::lists::sync::BlocklistSync::new(
         blocklist.clone(),
         public_key,
         shared.clone(),
         &config.data_dir,
     );
     let lists_stop = CancellationToken::new();
-    let (replays_tx, replays_rx) = mpsc::channel(crate::mqtt::REPLAYS_QUEUED);
-    let list_session = crate::list_session::ListSession {
-        ledger: crate::ledger_inbox::LedgerInbox {
+    let (replays_tx, replays_rx) = mpsc::channel(crate::mqtt::delivery::REPLAYS_QUEUED);
+    let list_session = crate::mqtt::list_session::ListSession {
+        ledger: crate::mqtt::ledger_inbox::LedgerInbox {
             outbox: outbox.clone(),
             replays: replays_tx,
         },
@@ -185,7 +190,7 @@ pub async fn run(
     let (decisions_tx, decisions_rx) = mpsc::channel(256);
     let mqtt_stop = CancellationToken::new();
     let (doors_tx, doors_rx) = mpsc::channel(8192);
-    let door_session = crate::door_session::DoorSession {
+    let door_session = crate::mqtt::door_session::DoorSession {
         settings: config.mqtt.clone(),
         password: password.clone(),
         tls: tls.clone(),
@@ -258,7 +263,7 @@ pub async fn run(
 
     // Read-only questions from `id06d events export` / `outbox stats` while we hold sled.
     let control_stop = CancellationToken::new();
-    let control = tokio::spawn(crate::control::serve(
+    let control = tokio::spawn(crate::ops::control::serve(
         store.dir.clone(),
         outbox.clone(),
         blocklist.clone(),
@@ -290,7 +295,7 @@ pub async fn run(
         decisions: decisions_tx,
         doors: doors_tx,
         epoch: Instant::now(),
-        clock_was_synced: Some(crate::clock::clock_synced()),
+        clock_was_synced: Some(crate::ops::clock::clock_synced()),
         data_dir: config.data_dir.clone(),
         unstored_record,
     };
@@ -351,29 +356,29 @@ pub async fn run(
     drop(reader_tx);
     let metrics = match config.metrics_listen {
         Some(addr) => {
-            let source = crate::metrics::MetricsSource {
+            let source = crate::ops::metrics::MetricsSource {
                 shared: shared.clone(),
                 outbox: outbox.clone(),
                 blocklist: blocklist.clone(),
             };
             // Bind now, so that a taken port is a clear start-up error.
-            let listener = crate::metrics::bind(addr).map_err(|e| {
+            let listener = crate::ops::metrics::bind(addr).map_err(|e| {
                 RunError::Setup(format!("cannot listen for [metrics] on {addr}: {e}"))
             })?;
             Some(tokio::spawn(async move {
-                if let Err(e) = crate::metrics::serve(listener, source).await {
+                if let Err(e) = crate::ops::metrics::serve(listener, source).await {
                     tracing::error!("the metrics endpoint stopped: {e}");
                 }
             }))
         }
         None => None,
     };
-    // The data directory, watched while we run (see `watch.rs`).
+    // The data directory, watched while we run (see `storage/watch.rs`).
     let (watch_tx, watch_failed) = tokio::sync::oneshot::channel::<String>();
     let watcher = {
         let (outbox, shared, dir) = (outbox.clone(), shared.clone(), config.data_dir.clone());
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(crate::watch::WATCH_EVERY);
+            let mut every = tokio::time::interval(crate::storage::watch::WATCH_EVERY);
             loop {
                 every.tick().await;
                 let (o, d) = (outbox.clone(), dir.clone());
@@ -382,7 +387,8 @@ pub async fn run(
                 let checked = match failed_commit {
                     Some(why) => Err(why),
                     None => tokio::task::spawn_blocking(move || {
-                        o.check_in_place().and_then(|()| crate::watch::writable(&d))
+                        o.check_in_place()
+                            .and_then(|()| crate::storage::watch::writable(&d))
                     })
                     .await
                     .unwrap_or(Ok(())),
@@ -489,8 +495,8 @@ fn raise_open_files_limit() {
 /// What the lists in force mean for every card, when that is "everyone passes" or
 /// "everyone is denied".
 pub fn list_warnings(
-    national: &crate::blocklist::BlocklistIndex,
-    site: &crate::site_list::SiteIndex,
+    national: &crate::lists::blocklist::BlocklistIndex,
+    site: &crate::lists::site_list::SiteIndex,
     when_stale: crate::config::WhenStale,
     mode: crate::config::AccessMode,
 ) -> Vec<String> {

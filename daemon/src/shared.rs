@@ -81,7 +81,7 @@ pub struct Shared {
     /// What an earlier run lost to a full disk (reported from start).
     pub storage_loss: Mutex<Option<String>>,
     /// The data directory cannot be written any more (removed, replaced, read-only, I/O
-    /// errors): the daemon stops (see `watch.rs`).
+    /// errors): the daemon stops (see `storage/watch.rs`).
     pub storage_unusable: Mutex<Option<String>>,
     /// A blocklist gap `[version in force, from_version of the update that did not fit]`.
     pub blocklist_gap: Mutex<Option<[u64; 2]>>,

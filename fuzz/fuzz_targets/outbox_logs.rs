@@ -4,8 +4,8 @@
 //! what was decoded must not panic either.
 #![no_main]
 
-use id06d::recovery::{Findings, LogFindings, LogRecord, SledFindings};
-use id06d::wal::PREALLOC;
+use id06d::storage::recovery::{Findings, LogFindings, LogRecord, SledFindings};
+use id06d::storage::wal::PREALLOC;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -13,12 +13,12 @@ fuzz_target!(|data: &[u8]| {
         .get(..8)
         .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
         .unwrap_or(0);
-    let scan = id06d::wal::decode(data, &[hint]);
+    let scan = id06d::storage::wal::decode(data, &[hint]);
     assert!(scan.len <= data.len() || scan.records.is_empty());
     assert!(scan.dirty_to <= data.len().max(scan.len));
-    let acks = id06d::wal::decode_acks(data);
+    let acks = id06d::storage::wal::decode_acks(data);
     assert!(acks.len() * 16 <= data.len());
-    let (mark, _) = id06d::mark::decode(data);
+    let (mark, _) = id06d::storage::mark::decode(data);
     let records = scan
         .records
         .iter()
@@ -47,5 +47,5 @@ fuzz_target!(|data: &[u8]| {
         acks: acks.into_iter().collect(),
         acks_unreadable: None,
     };
-    let _ = id06d::recovery::plan(&findings);
+    let _ = id06d::storage::recovery::plan(&findings);
 });

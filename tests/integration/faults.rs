@@ -589,7 +589,7 @@ fn power_cuts_lose_no_tap_whose_decision_was_published() {
     let archived: Vec<id06_protocol::Event> = json
         .lines()
         .map(|l| {
-            let line: id06d::control::ExportedEvent =
+            let line: id06d::ops::control::ExportedEvent =
                 serde_json::from_str(l).expect("an exported event");
             assert!(line.delivered, "acked by the broker: {l}");
             line.event

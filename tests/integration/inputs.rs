@@ -292,9 +292,12 @@ fn a_flood_of_unsigned_megabyte_chunks_holds_no_memory() {
         })
         .collect();
     let (mut manifest, chunks) =
-        id06d::publish::snapshot_messages("id06/v1/blocklist/snapshot", 4, &entries);
-    let secret = id06d::signing::load_secret_key(&key).unwrap();
-    manifest.signature = Some(id06d::signing::sign(&secret, &manifest.canonical_bytes()));
+        id06d::mqtt::publish::snapshot_messages("id06/v1/blocklist/snapshot", 4, &entries);
+    let secret = id06d::lists::signing::load_secret_key(&key).unwrap();
+    manifest.signature = Some(id06d::lists::signing::sign(
+        &secret,
+        &manifest.canonical_bytes(),
+    ));
     publish_raw(
         broker.port,
         "id06/v1/blocklist/snapshot",

@@ -588,7 +588,7 @@ fn a_door_that_was_away_never_gets_a_decision_late() {
     let published = Instant::now();
     // What is under test is time passing at the broker: nothing to wait for but the clock.
     std::thread::sleep(
-        Duration::from_secs(u64::from(id06d::door_session::DECISION_EXPIRY_S))
+        Duration::from_secs(u64::from(id06d::mqtt::door_session::DECISION_EXPIRY_S))
             + Duration::from_millis(1500),
     );
     let door = Door::connect(broker.port, &topic);

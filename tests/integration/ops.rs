@@ -272,7 +272,7 @@ fn events_export_outbox_stats_and_blocklist_lookups_work_while_the_daemon_runs_a
     assert!(lines[2].contains(",denied,suspended,"), "{}", lines[2]);
     let json = export("json");
     // The same columns as the CSV: the event, acknowledged by the broker, stored by the ledger.
-    let lines: Vec<id06d::control::ExportedEvent> = json
+    let lines: Vec<id06d::ops::control::ExportedEvent> = json
         .lines()
         .map(|l| serde_json::from_str(l).expect("an exported event per line"))
         .collect();

@@ -116,7 +116,7 @@ fn a_scripted_rush_produces_exactly_the_expected_events_in_order() {
         8,
         "exactly one event per tap, no duplicate: {events:#?}"
     );
-    let synced = id06d::clock::clock_synced();
+    let synced = id06d::ops::clock::clock_synced();
     let mut last_time = UtcMillis(0);
     for (i, (e, (reader, dir_, uid, status, decision, reason))) in
         events.iter().zip(expected).enumerate()

@@ -537,10 +537,10 @@ fn the_event_schema_allows_exactly_the_rulings_the_daemon_makes() {
         for stale in [false, true] {
             for when in [WhenStale::Allow, WhenStale::Deny] {
                 use id06d::config::AccessMode;
-                use id06d::site_list::SiteEntry;
+                use id06d::lists::site_list::SiteEntry;
                 for site in [None, Some(SiteEntry::Ban), Some(SiteEntry::Allow)] {
                     for mode in [AccessMode::Open, AccessMode::SiteList] {
-                        let r = id06d::decide::decide_at_site(listed, site, mode, stale, when);
+                        let r = id06d::tap::decide::decide_at_site(listed, site, mode, stale, when);
                         let v = sample_event(r.card_status, r.decision, r.reason, stale);
                         schemas.assert_valid("event.schema.json", &v, "a ruling of decide()");
                         schemas.assert_valid("decision.schema.json", &v, "a ruling of decide()");

@@ -135,8 +135,8 @@ fn passwords(dir: &Path, entries: &[(&str, &str)]) -> PathBuf {
 /// with the good server certificate that wants a client certificate and a password, one
 /// with the expired certificate. Returns (broker, good TLS port, expired TLS port).
 fn tls_broker(dir: &Path, pki: &Path, password_file: &Path) -> (LocalBroker, u16, u16) {
-    let good = id06d::broker::free_port().expect("a free port");
-    let expired = id06d::broker::free_port().expect("a free port");
+    let good = id06d::mqtt::broker::free_port().expect("a free port");
+    let expired = id06d::mqtt::broker::free_port().expect("a free port");
     let p = |f: &str| pki.join(f).display().to_string();
     let extra = format!(
         "listener {good} 127.0.0.1\ncafile {ca}\ncertfile {sc}\nkeyfile {sk}\n\

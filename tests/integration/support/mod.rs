@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 pub mod lossyfs;
-pub use id06d::broker::LocalBroker;
+pub use id06d::mqtt::broker::LocalBroker;
 pub use lossyfs::LossyMount;
 use rumqttc::{Client, Event as MqttEvent, MqttOptions, Packet, QoS};
 use std::collections::BTreeSet;
@@ -427,7 +427,7 @@ pub fn fill_disk(dir: &Path, leave: u64) -> PathBuf {
         .open(&filler)
         .unwrap();
     let block = vec![0xA5u8; 256 * 1024];
-    while id06d::diskguard::free_bytes(dir).unwrap() > leave {
+    while id06d::storage::diskguard::free_bytes(dir).unwrap() > leave {
         if f.write_all(&block).is_err() {
             break;
         }

@@ -5,7 +5,7 @@
 //! archive, durable at checkpoints), the write-ahead log (every commit since the last
 //! checkpoint) and this mark (the highest position at the last checkpoint, written and
 //! synced by every checkpoint). A start trusts the highest and checks them against each other
-//! ([`crate::recovery`]). The mark also holds the stream identifier and its base position
+//! ([`crate::storage::recovery`]). The mark also holds the stream identifier and its base position
 //! (see [`id06_protocol::StreamId`]), so a database that was lost or replaced does not
 //! silently take the stream with it, and the log's current and previous epochs, which let a
 //! start find the log's records when its first one is damaged.
@@ -159,7 +159,7 @@ impl MarkFile {
     pub fn open(dir: &Path) -> std::io::Result<(MarkFile, MarkState)> {
         let path = dir.join(MARK_NAME);
         let existed = path.exists();
-        let mut file = crate::wal::open_rw(&path)?;
+        let mut file = crate::storage::wal::open_rw(&path)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
         let (state, generation) = decode(&bytes);

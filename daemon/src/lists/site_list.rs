@@ -11,7 +11,7 @@
 //! `site_list_meta`: `version`, `updated_at`. Lookups are served from an immutable in-memory
 //! map swapped whole on every change (site lists hold hundreds or thousands of cards).
 
-use crate::store::{decode_i64, decode_u64, StoreError};
+use crate::storage::store::{decode_i64, decode_u64, StoreError};
 use arc_swap::ArcSwap;
 use id06_protocol::{CardUid, UtcMillis};
 use serde::{Deserialize, Serialize};
@@ -267,7 +267,7 @@ impl SiteList {
             dir: self.dir.clone(),
             detail: format!("cannot store the site list: {e:?}"),
         })?;
-        crate::store::flush_db(&self.db, &self.dir)?;
+        crate::storage::store::flush_db(&self.db, &self.dir)?;
         self.current.store(Arc::new(SiteIndex {
             entries: entries.iter().copied().collect(),
             version,
@@ -306,7 +306,7 @@ mod tests {
     fn a_replaced_list_is_durable_and_versions_only_go_forward() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = crate::store::Store::open(dir.path(), "t").unwrap();
+            let store = crate::storage::store::Store::open(dir.path(), "t").unwrap();
             let s = SiteList::open(&store.db, &store.dir).unwrap();
             assert_eq!(s.index().version, 0);
             s.replace(&[(uid("04A1B2C3"), SiteEntry::Ban)], 1, UtcMillis(5))
@@ -325,7 +325,7 @@ mod tests {
                 Err(SiteListError::NotNewer { asked: 2, have: 2 })
             ));
         }
-        let store = crate::store::Store::open(dir.path(), "t").unwrap();
+        let store = crate::storage::store::Store::open(dir.path(), "t").unwrap();
         let s = SiteList::open(&store.db, &store.dir).unwrap();
         let i = s.index();
         assert_eq!((i.version, i.len()), (2, 2));

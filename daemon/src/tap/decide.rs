@@ -2,7 +2,7 @@
 //! Pure functions: the blocklist lookup and the clock are the caller's.
 
 use crate::config::{AccessMode, WhenStale};
-use crate::site_list::SiteEntry;
+use crate::lists::site_list::SiteEntry;
 use id06_protocol::{CardStatus, Decision, DenyReason, Direction};
 
 /// A decision with what it was based on.

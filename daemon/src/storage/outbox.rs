@@ -3,7 +3,7 @@
 //! Every tap becomes an [`Event`] at the next *position*, written to the `journal` tree and
 //! synced to disk before anyone hears of it. Positions count every event this data
 //! directory ever recorded and are never reused; the event's `seq` is its position within
-//! the current stream (`seq = position - base`, see [`crate::recovery`]). Keys in `journal`:
+//! the current stream (`seq = position - base`, see [`crate::storage::recovery`]). Keys in `journal`:
 //!
 //! | key                       | value                                   |
 //! | ------------------------- | --------------------------------------- |
@@ -18,22 +18,24 @@
 //! (and is sent again) until the ledger confirms it on `P/ack`, whatever the broker did.
 //!
 //! One tap's writes (and a whole burst's) are one record in the write-ahead log
-//! ([`crate::wal`]), synced with one `fdatasync` (a group commit); that is the durability
+//! ([`crate::storage::wal`]), synced with one `fdatasync` (a group commit); that is the durability
 //! point, and the decisions go out right then. The same writes then go into sled in memory,
 //! one insert at a time (a sled batch would make sled write its buffer out beside every
-//! commit); checkpoints (sled flushed and synced, [`crate::mark`] written, the log emptied)
+//! commit); checkpoints (sled flushed and synced, [`crate::storage::mark`] written, the log emptied)
 //! bound the log, and a start replays what the log still holds and checks the records
-//! against each other ([`crate::recovery`]).
+//! against each other ([`crate::storage::recovery`]).
 //!
 //! Measured on the development VM (ext4 on virtio, `benches/pipeline.rs`,
 //! `benches/delivery.rs`): with sled's own flush plus an `fdatasync` per commit, tap to
 //! broker acknowledgement took 556 µs median; with the log, 310–320 µs, against 175–225 µs
 //! for a bare publish-to-PUBACK plus one `fdatasync`.
 
-use crate::mark::{Mark, MarkFile, MarkState};
-use crate::recovery::{Findings, LogFindings, LogRecord, Severity, SledFindings, StreamChoice};
-use crate::store::{decode_i64, decode_u64, Store, StoreError};
-use crate::wal::{AckLog, Insert, Wal};
+use crate::storage::mark::{Mark, MarkFile, MarkState};
+use crate::storage::recovery::{
+    Findings, LogFindings, LogRecord, Severity, SledFindings, StreamChoice,
+};
+use crate::storage::store::{decode_i64, decode_u64, Store, StoreError};
+use crate::storage::wal::{AckLog, Insert, Wal};
 use id06_protocol::{CardUid, Direction, Event, StreamId, UtcMillis};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -195,7 +197,7 @@ fn log_record(offset: usize, inserts: &[Insert], before: u64) -> LogRecord {
 impl Outbox {
     /// Opens the outbox in `store`: replays the write-ahead log and the acknowledgement log
     /// into the database, checks them against the mark and the database, says in the log
-    /// what is damaged, chooses the stream ([`crate::recovery::plan`]) and checkpoints.
+    /// what is damaged, chooses the stream ([`crate::storage::recovery::plan`]) and checkpoints.
     pub fn open(store: &Store) -> Result<Outbox, StoreError> {
         let sled_err = |e| StoreError::from_sled(&store.dir, e);
         let io_err = |what: &str, e: std::io::Error| StoreError::Io {
@@ -203,8 +205,12 @@ impl Outbox {
             detail: format!("{what}: {e}"),
         };
         let j = &store.journal;
-        let (mark, mark_state) = MarkFile::open(&store.dir)
-            .map_err(|e| io_err(&format!("the outbox's mark {}", crate::mark::MARK_NAME), e))?;
+        let (mark, mark_state) = MarkFile::open(&store.dir).map_err(|e| {
+            io_err(
+                &format!("the outbox's mark {}", crate::storage::mark::MARK_NAME),
+                e,
+            )
+        })?;
         let hints = match &mark_state {
             MarkState::Found { mark, .. } => vec![mark.epoch, mark.prev_epoch],
             _ => Vec::new(),
@@ -254,7 +260,7 @@ impl Outbox {
             acks: ack_scan.acks.iter().copied().collect(),
             acks_unreadable: ack_scan.unreadable,
         };
-        let plan = crate::recovery::plan(&findings);
+        let plan = crate::storage::recovery::plan(&findings);
         for (severity, line) in &plan.findings {
             match severity {
                 Severity::Info => tracing::info!("{line}"),
@@ -418,12 +424,12 @@ impl Outbox {
         // The durability point: one record, one fdatasync, in the file that is still the
         // data directory's (a log that was deleted or replaced under us stores nothing).
         logs.wal.append(&inserts).map_err(|e| self.wal_err(e))?;
-        crate::watch::still_in_place(logs.wal.file(), logs.wal.path()).map_err(|detail| {
-            StoreError::Io {
+        crate::storage::watch::still_in_place(logs.wal.file(), logs.wal.path()).map_err(
+            |detail| StoreError::Io {
                 dir: self.store.dir.clone(),
                 detail,
-            }
-        })?;
+            },
+        )?;
         let applying = self.applying.lock().unwrap_or_else(|e| e.into_inner());
         on_durable(&recorded);
         self.depth
@@ -483,7 +489,7 @@ impl Outbox {
         // The mark first: once it names the next epoch and the exact last position, the
         // log may be emptied (a crash in between leaves a log of the previous epoch, whose
         // records the database already holds).
-        let epoch = crate::wal::new_epoch();
+        let epoch = crate::storage::wal::new_epoch();
         let mark = Mark {
             stream: self.stream,
             base: self.base,
@@ -493,7 +499,7 @@ impl Outbox {
         };
         logs.mark.write(&mark).map_err(|e| StoreError::Io {
             dir: self.store.dir.clone(),
-            detail: format!("the outbox's mark {}: {e}", crate::mark::MARK_NAME),
+            detail: format!("the outbox's mark {}: {e}", crate::storage::mark::MARK_NAME),
         })?;
         logs.wal.reset(epoch).map_err(|e| self.wal_err(e))?;
         if let Err(e) = acks.clear() {
@@ -514,8 +520,8 @@ impl Outbox {
     /// deleted, replaced or moved away); the reason when they are not.
     pub fn check_in_place(&self) -> Result<(), String> {
         let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
-        crate::watch::still_in_place(logs.wal.file(), logs.wal.path())?;
-        crate::watch::still_in_place(logs.mark.file(), logs.mark.path())
+        crate::storage::watch::still_in_place(logs.wal.file(), logs.wal.path())?;
+        crate::storage::watch::still_in_place(logs.mark.file(), logs.mark.path())
     }
 
     /// Up to `limit` undelivered events at positions `>= from`, in order, as JSON.

@@ -3,11 +3,11 @@
 //! without any other software.
 
 use crate::config::MqttSettings;
+use crate::lists::signing::sha256_hex;
 use id06_protocol::{
     CardStatus, CardUid, SnapshotChunk, SnapshotManifest, CARDS_PER_CHUNK, SNAPSHOT_SCHEMA,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
-use sha2::{Digest, Sha256};
 use std::time::Duration;
 
 /// One message to publish.
@@ -51,14 +51,6 @@ pub fn snapshot_messages(
         signature: None,
     };
     (manifest, messages)
-}
-
-/// SHA-256 of `bytes`, lower-case hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Publishes `messages` in order with QoS 1 and waits until the broker acknowledged each.

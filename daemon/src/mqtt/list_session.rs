@@ -2,7 +2,7 @@
 //!
 //! Design: everything the gateway subscribes to comes in on this session, and nothing the
 //! gateway must deliver goes out on it. Events, decisions and states go out on the
-//! publishing session ([`crate::mqtt`]), which subscribes to nothing, so no message anyone
+//! publishing session ([`crate::mqtt::delivery`]), which subscribes to nothing, so no message anyone
 //! publishes can get in the way of delivery. This session speaks MQTT 5, which lets the
 //! gateway bound what the broker may send it before anything is read:
 //!
@@ -25,10 +25,10 @@
 //! under the client id `{client_id}-lists`, so updates published while the gateway was
 //! offline arrive when it is back. It subscribes to the updates and the manifest, to the
 //! chunk topics only while a snapshot is being collected, and to the ledger's `P/ack` and
-//! `P/replay` ([`crate::ledger_inbox`]).
+//! `P/replay` ([`crate::mqtt::ledger_inbox`]).
 
-use crate::blocklist_sync::{BlocklistSync, Incoming};
 use crate::config::MqttSettings;
+use crate::lists::sync::{BlocklistSync, Incoming};
 use id06_protocol::Topics;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
@@ -62,7 +62,7 @@ pub struct ListSession {
     /// Where the lists go.
     pub sync: BlocklistSync,
     /// Where the ledger's confirmations and replay requests go.
-    pub ledger: crate::ledger_inbox::LedgerInbox,
+    pub ledger: crate::mqtt::ledger_inbox::LedgerInbox,
     /// Cancelled when the daemon stops.
     pub shutdown: CancellationToken,
 }
@@ -98,7 +98,7 @@ fn describe(e: &ConnectionError, settings: &MqttSettings) -> String {
     };
     match settings
         .tls
-        .then(|| crate::tls::explain(&raw, settings))
+        .then(|| crate::mqtt::tls::explain(&raw, settings))
         .flatten()
     {
         Some(hint) => format!("TLS: {hint} ({raw})"),
@@ -167,7 +167,7 @@ impl ListSession {
         });
         let mut connected = false;
         let mut chunks_on = false;
-        let mut quiet = crate::blocklist_sync::Quiet::new();
+        let mut quiet = crate::lists::sync::Quiet::new();
         let chunk_topic = format!("{}/+", self.topics.blocklist_snapshot());
         let end = loop {
             let polled = tokio::select! {

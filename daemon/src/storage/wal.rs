@@ -1,7 +1,7 @@
 //! The outbox's write-ahead log: the durability point of a tap.
 //!
 //! Design: sled 0.34 can only make a write durable with its own flush followed by an
-//! `fdatasync` (see [`crate::store::Store::flush`]): two waits for the disk per commit. The
+//! `fdatasync` (see [`crate::storage::store::Store::flush`]): two waits for the disk per commit. The
 //! log makes one enough. A commit appends one record with the journal inserts it makes,
 //! `fdatasync`s the log, and then applies the same inserts to sled in memory. sled writes
 //! them out in the background; a *checkpoint* (sled flushed and synced, the mark written,
@@ -24,7 +24,7 @@
 //! - non-zero bytes after the last good record are a torn append (a power cut during a
 //!   commit that had not returned) or a damaged last record, which cannot be told apart:
 //!   [`Scan::tail`] says so and the outbox starts a new stream rather than guess
-//!   ([`crate::recovery`]).
+//!   ([`crate::storage::recovery`]).
 //!
 //! Replaying an insert that sled already had is harmless; the pending marker of an event
 //! that was delivered after the record was written comes back, and [`AckLog`] removes it
@@ -231,7 +231,7 @@ pub fn decode(bytes: &[u8], hints: &[u64]) -> Scan {
 /// Opens `path` for reading and writing, creating it if missing. A file created here gets
 /// the owner of its folder at once, whoever runs the process; a root command additionally
 /// hands back everything else it created (sled's files) when it ends
-/// ([`crate::store::give_to_owner`]).
+/// ([`crate::storage::store::give_to_owner`]).
 pub(crate) fn open_rw(path: &Path) -> std::io::Result<File> {
     let existed = path.exists();
     let file = OpenOptions::new()

@@ -1,14 +1,14 @@
 //! What the ledger sends the gateway: confirmations (`P/ack`) and replay requests
 //! (`P/replay`).
 //!
-//! Design: both arrive on the list session ([`crate::list_session`]), bounded in size by
+//! Design: both arrive on the list session ([`crate::mqtt::list_session`]), bounded in size by
 //! it; the payloads are parsed here by pure functions that refuse anything but exactly the
 //! documented shape. A confirmation is applied to the outbox at once (it only removes
 //! markers); a replay request is checked and handed to the publishing session, which serves
 //! it from the archive at a bounded rate beside new taps.
 
-use crate::mqtt::ReplayRequest;
-use crate::outbox::Outbox;
+use crate::mqtt::delivery::ReplayRequest;
+use crate::storage::outbox::Outbox;
 use id06_protocol::StreamId;
 use serde::Deserialize;
 
@@ -111,7 +111,7 @@ impl LedgerInbox {
         self.replays.try_send(r).map_err(|_| {
             format!(
                 "P/replay ignored: {} replays are already waiting",
-                crate::mqtt::REPLAYS_QUEUED
+                crate::mqtt::delivery::REPLAYS_QUEUED
             )
         })
     }

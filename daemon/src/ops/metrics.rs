@@ -7,9 +7,9 @@
 //! waits before trying again instead of spinning. So idle or slow clients cannot use up
 //! the descriptors the outbox, the MQTT sessions and the control socket need.
 
-use crate::blocklist::Blocklist;
-use crate::outbox::Outbox;
+use crate::lists::blocklist::Blocklist;
 use crate::shared::{Counters, Shared};
+use crate::storage::outbox::Outbox;
 use id06_protocol::{DenyReason, ReaderState, UtcMillis};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -109,7 +109,7 @@ impl MetricsSource {
         let _ = writeln!(s, "# HELP id06d_last_seq The highest seq recorded in the current stream.\n# TYPE id06d_last_seq gauge\nid06d_last_seq {}", self.outbox.last_seq());
         let flag = |b: bool| u8::from(b);
         let _ = writeln!(s, "# HELP id06d_broker_connected Whether the publishing session is connected to the broker.\n# TYPE id06d_broker_connected gauge\nid06d_broker_connected {}", flag(self.shared.broker_connected.load(std::sync::atomic::Ordering::Acquire)));
-        let _ = writeln!(s, "# HELP id06d_clock_synced Whether the system clock is known to be synchronised.\n# TYPE id06d_clock_synced gauge\nid06d_clock_synced {}", flag(crate::clock::clock_synced()));
+        let _ = writeln!(s, "# HELP id06d_clock_synced Whether the system clock is known to be synchronised.\n# TYPE id06d_clock_synced gauge\nid06d_clock_synced {}", flag(crate::ops::clock::clock_synced()));
         let storage_error = self
             .shared
             .storage_error

@@ -4,6 +4,7 @@
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use sha2::{Digest, Sha256};
 use std::path::Path;
 
 /// Decodes 32 bytes written as base64 or as 64 hex digits.
@@ -70,6 +71,14 @@ pub fn public_key_text(key: &SigningKey) -> String {
 /// The base64 seed of a signing key, for its file.
 pub fn secret_key_text(key: &SigningKey) -> String {
     B64.encode(key.to_bytes())
+}
+
+/// SHA-256 of `bytes`, lower-case hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
 //! The publishing MQTT session (contract §7): one task owns the rumqttc event loop.
 //!
 //! It publishes events, the status and the reader states (decisions go out on a session of
-//! their own, [`crate::door_session`], with a message expiry), and subscribes to
-//! nothing: the lists come in on a session of their own ([`crate::list_session`]), so that
+//! their own, [`crate::mqtt::door_session`], with a message expiry), and subscribes to
+//! nothing: the lists come in on a session of their own ([`crate::mqtt::list_session`]), so that
 //! nothing anyone publishes can stop delivery. It connects with a clean session (nothing
 //! is queued for it; what must be delivered is in the outbox).
 //!
@@ -15,11 +15,11 @@
 //! leaves the outbox only on its PUBACK. Any error ends the connection; the task reconnects
 //! with exponential back-off, forever, until shutdown.
 
-use crate::blocklist::Blocklist;
-use crate::clock::clock_synced;
 use crate::config::MqttSettings;
-use crate::outbox::Outbox;
+use crate::lists::blocklist::Blocklist;
+use crate::ops::clock::clock_synced;
 use crate::shared::{Counters, Shared};
+use crate::storage::outbox::Outbox;
 use id06_protocol::{Event, GatewayStatus, Topics, UtcMillis};
 use rumqttc::{
     AsyncClient, ConnectionError, Event as MqttEvent, EventLoop, LastWill, MqttOptions, Outgoing,
@@ -54,7 +54,7 @@ pub struct MqttTask {
     pub settings: MqttSettings,
     /// The broker password, read from `password_file`.
     pub password: Option<String>,
-    /// For `mqtts://`: the TLS client configuration ([`crate::tls::client_config`]).
+    /// For `mqtts://`: the TLS client configuration ([`crate::mqtt::tls::client_config`]).
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Topic names.
     pub topics: Topics,
@@ -67,7 +67,7 @@ pub struct MqttTask {
     /// Counters, reader states, wake-ups.
     pub shared: Arc<Shared>,
     /// The taps just recorded, whose events may go out straight from their payloads.
-    pub decisions: mpsc::Receiver<crate::pipeline::Decided>,
+    pub decisions: mpsc::Receiver<crate::tap::pipeline::Decided>,
     /// When this process started.
     pub started_at: UtcMillis,
     /// Cancelled when the daemon stops: deliver what can be delivered within
@@ -492,7 +492,7 @@ impl MqttTask {
         client: &AsyncClient,
         window: &mut Window,
         max_published: &mut u64,
-        decided: crate::pipeline::Decided,
+        decided: crate::tap::pipeline::Decided,
     ) {
         let pos = decided.pos;
         if pos == 0 || pos != window.next || !window.ahead.is_empty() || window.in_flight >= WINDOW
@@ -716,7 +716,7 @@ fn describe(e: &ConnectionError, settings: &MqttSettings) -> String {
     // only at the first read after it.
     match settings
         .tls
-        .then(|| crate::tls::explain(&raw, settings))
+        .then(|| crate::mqtt::tls::explain(&raw, settings))
         .flatten()
     {
         Some(hint) => format!("TLS: {hint} ({raw})"),

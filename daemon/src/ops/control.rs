@@ -15,13 +15,13 @@
 //!
 //! One request writes: `site-list-replace <version> <count>`, then `count` lines
 //! `<uid> ban|allow` → `ok <previous version>`; it replaces the site's own list
-//! ([`crate::site_list`]), so that a site ban takes effect at once while the daemon runs.
+//! ([`crate::lists::site_list`]), so that a site ban takes effect at once while the daemon runs.
 //!
 //! Anything else gets `error: …` and the connection is closed. Requests are read with a
 //! deadline and a length limit; answers are produced on the blocking pool.
 
-use crate::blocklist::{Blocklist, Summary};
-use crate::outbox::{Outbox, OutboxStats};
+use crate::lists::blocklist::{Blocklist, Summary};
+use crate::storage::outbox::{Outbox, OutboxStats};
 use id06_protocol::{CardUid, Event, UtcMillis};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
@@ -49,12 +49,12 @@ pub struct SiteSummary {
     /// Cards on the allow list.
     pub allowed: u64,
     /// The entry of the card asked about.
-    pub entry: Option<crate::site_list::SiteEntry>,
+    pub entry: Option<crate::lists::site_list::SiteEntry>,
 }
 
 impl SiteSummary {
     /// The figures of `index` (and `card`'s entry).
-    pub fn of(index: &crate::site_list::SiteIndex, card: Option<&CardUid>) -> SiteSummary {
+    pub fn of(index: &crate::lists::site_list::SiteIndex, card: Option<&CardUid>) -> SiteSummary {
         let (banned, allowed) = index.counts();
         SiteSummary {
             version: index.version,
@@ -153,7 +153,7 @@ pub async fn serve(
     data_dir: PathBuf,
     outbox: Outbox,
     blocklist: Blocklist,
-    site_list: crate::site_list::SiteList,
+    site_list: crate::lists::site_list::SiteList,
     shutdown: CancellationToken,
 ) {
     let path = socket_path(&data_dir);
@@ -202,7 +202,7 @@ async fn answer(
     stream: tokio::net::UnixStream,
     outbox: Outbox,
     blocklist: Blocklist,
-    site_list: crate::site_list::SiteList,
+    site_list: crate::lists::site_list::SiteList,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -318,8 +318,8 @@ async fn answer(
 async fn read_site_entries(
     reader: &mut (impl tokio::io::AsyncBufRead + Unpin),
     count: u64,
-) -> Result<Vec<(CardUid, crate::site_list::SiteEntry)>, String> {
-    use crate::site_list::SiteEntry;
+) -> Result<Vec<(CardUid, crate::lists::site_list::SiteEntry)>, String> {
+    use crate::lists::site_list::SiteEntry;
     let mut out = Vec::with_capacity(count.min(100_000) as usize);
     let mut line = String::new();
     for n in 0..count {
@@ -424,7 +424,7 @@ pub fn remote_events_since(
 /// it replaced.
 pub fn remote_site_list_replace(
     data_dir: &Path,
-    entries: &[(CardUid, crate::site_list::SiteEntry)],
+    entries: &[(CardUid, crate::lists::site_list::SiteEntry)],
     version: u64,
 ) -> Result<u64, ControlError> {
     let mut body = Vec::with_capacity(entries.len() * 24);

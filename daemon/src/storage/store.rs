@@ -3,10 +3,10 @@
 //!
 //! Trees:
 //! - `meta`: identity of the data directory (`terminal_id`), format version, and the stream
-//!   new taps are recorded in (`stream`, `stream_base`; see [`crate::recovery`]).
+//!   new taps are recorded in (`stream`, `stream_base`; see [`crate::storage::recovery`]).
 //! - `journal`: the outbox and event archive, the `seq` counter and the toggle state, in
-//!   one tree so that a tap's writes are one atomic batch (see [`crate::outbox`]).
-//! - `blocklist_meta` and `blocklist.<generation>`: the blocklist (see [`crate::blocklist`]).
+//!   one tree so that a tap's writes are one atomic batch (see [`crate::storage::outbox`]).
+//! - `blocklist_meta` and `blocklist.<generation>`: the blocklist (see [`crate::lists::blocklist`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

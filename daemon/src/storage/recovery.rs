@@ -20,12 +20,12 @@
 //! stream starts: `seq` begins at 1 under a new identifier, so no `(stream, seq)` can ever
 //! name two taps. Events already recorded keep their stream and seq and are still delivered.
 
-use crate::mark::{MarkState, MARK_NAME};
-use crate::wal::{Tail, PREALLOC};
+use crate::storage::mark::{MarkState, MARK_NAME};
+use crate::storage::wal::{Tail, PREALLOC};
 use id06_protocol::StreamId;
 use std::collections::BTreeSet;
 
-/// The log's file name (also in [`crate::outbox::WAL_NAME`]).
+/// The log's file name (also in [`crate::storage::outbox::WAL_NAME`]).
 const WAL: &str = "outbox.wal";
 /// The acknowledgement log's file name.
 const ACKS: &str = "outbox.acks";
@@ -359,7 +359,7 @@ pub fn plan(f: &Findings) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mark::Mark;
+    use crate::storage::mark::Mark;
 
     fn stream() -> StreamId {
         StreamId::from_random([9; 16])

@@ -14,11 +14,12 @@
 
 use crate::config::MqttSettings;
 use crate::shared::{Counters, Shared};
+use crate::tap::pipeline::DoorDecision;
 use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -28,15 +29,6 @@ pub const DECISION_EXPIRY_S: u32 = 3;
 pub const DECISION_FRESH: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-/// A decision to publish: the payload and when it was made.
-#[derive(Debug, Clone)]
-pub struct DoorDecision {
-    /// The event as JSON.
-    pub payload: Vec<u8>,
-    /// When it was decided.
-    pub at: Instant,
-}
 
 /// What the session needs.
 pub struct DoorSession {

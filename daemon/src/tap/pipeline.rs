@@ -7,13 +7,13 @@
 //! in-memory queue and are written as soon as the disk accepts them again; the decision is
 //! still logged and reported.
 
-use crate::blocklist::Blocklist;
-use crate::clock::clock_synced;
 use crate::config::{DirectionMode, WhenStale};
-use crate::debounce::{Debouncer, Verdict};
-use crate::decide::toggle_direction;
-use crate::outbox::{Outbox, ToggleRecord};
+use crate::lists::blocklist::Blocklist;
+use crate::ops::clock::clock_synced;
 use crate::shared::{Counters, Shared};
+use crate::storage::outbox::{Outbox, ToggleRecord};
+use crate::tap::debounce::{Debouncer, Verdict};
+use crate::tap::decide::toggle_direction;
 use id06_protocol::{
     CardUid, Decision, Direction, Event, EventSchema, Hint, ReaderState, UtcMillis,
 };
@@ -42,6 +42,15 @@ pub struct Decided {
 }
 
 /// What the pipeline needs to know about a reader.
+/// A decision for the door controllers (`P/decision`): the payload and when it was made.
+#[derive(Debug, Clone)]
+pub struct DoorDecision {
+    /// The event as JSON.
+    pub payload: Vec<u8>,
+    /// When it was decided.
+    pub at: Instant,
+}
+
 #[derive(Debug, Clone)]
 pub struct ReaderInfo {
     /// Configured name.
@@ -65,7 +74,7 @@ pub struct Pipeline {
     /// Where decisions come from: the national list ...
     pub blocklist: Blocklist,
     /// ... and the site's own list,
-    pub site_list: crate::site_list::SiteList,
+    pub site_list: crate::lists::site_list::SiteList,
     /// ... with the site's access mode.
     pub access: crate::config::AccessMode,
     /// `[blocklist] max_age_hours`.
@@ -77,7 +86,7 @@ pub struct Pipeline {
     /// Decisions for `P/decision` (best effort: dropped when full).
     pub decisions: mpsc::Sender<Decided>,
     /// Decisions for `P/decision` (the door session; best effort: dropped when full).
-    pub doors: mpsc::Sender<crate::door_session::DoorDecision>,
+    pub doors: mpsc::Sender<DoorDecision>,
     /// The zero point of the debouncer's clock.
     pub epoch: Instant,
     /// Whether the clock was synchronised at the last tap (to log changes once).
@@ -85,7 +94,7 @@ pub struct Pipeline {
     /// The data directory, whose free space is checked before each commit.
     pub data_dir: std::path::PathBuf,
     /// Where the number of taps waiting in memory is recorded.
-    pub unstored_record: Option<crate::diskguard::UnstoredRecord>,
+    pub unstored_record: Option<crate::storage::diskguard::UnstoredRecord>,
 }
 
 struct Pending {
@@ -236,7 +245,7 @@ impl Pipeline {
         let index = self.blocklist.index();
         let stale = index.is_stale(occurred_at, self.max_age_hours);
         let site = self.site_list.index();
-        let ruling = crate::decide::decide_at_site(
+        let ruling = crate::tap::decide::decide_at_site(
             index.lookup(&uid),
             site.lookup(&uid),
             self.access,
@@ -314,12 +323,12 @@ impl Pipeline {
             *retry_at = None;
             return;
         }
-        let result = match crate::diskguard::free_bytes(&self.data_dir) {
-            Some(free) if free < crate::diskguard::MIN_FREE_BYTES => Err(format!(
+        let result = match crate::storage::diskguard::free_bytes(&self.data_dir) {
+            Some(free) if free < crate::storage::diskguard::MIN_FREE_BYTES => Err(format!(
                 "the disk holding {} is full ({} KiB free; {} KiB are kept free to protect the database)",
                 self.data_dir.display(),
                 free / 1024,
-                crate::diskguard::MIN_FREE_BYTES / 1024
+                crate::storage::diskguard::MIN_FREE_BYTES / 1024
             )),
             _ => {
                 let events: Vec<Event> = unstored.iter().map(|p| p.event.clone()).collect();
@@ -338,14 +347,14 @@ impl Pipeline {
                             }
                             let payload = e.to_json();
                             let at = Instant::now();
-                            let door = crate::door_session::DoorDecision {
+                            let door = DoorDecision {
                                 payload: payload.clone(),
                                 at,
                             };
                             if doors.try_send(door).is_err() {
                                 Counters::bump(&counters.decisions_dropped);
                             }
-                            // The event itself may go straight from here too (see mqtt.rs);
+                            // The event itself may go straight from here too (see mqtt/delivery.rs);
                             // if not, it is read back from the outbox.
                             let _ = decisions.try_send(Decided {
                                 pos: *pos,
@@ -355,7 +364,7 @@ impl Pipeline {
                         }
                     })
                     .map_err(|e| {
-                        if matches!(e, crate::store::StoreError::Unusable { .. }) {
+                        if matches!(e, crate::storage::store::StoreError::Unusable { .. }) {
                             if let Ok(mut u) = self.shared.storage_unusable.lock() {
                                 u.get_or_insert_with(|| e.to_string());
                             }
@@ -424,7 +433,7 @@ impl Pipeline {
                         &p.event.site_id,
                         &p.event.terminal_id,
                         &p.event.stream,
-                        crate::wal::random_u64(),
+                        crate::storage::wal::random_u64(),
                     );
                     p.event.decision_id = id.clone();
                     let mut e = p.event.clone();
@@ -439,7 +448,7 @@ impl Pipeline {
                         reason = e.reason.map_or("", |r| r.as_str()),
                         "tap decided but not yet stored (disk full)"
                     );
-                    let door = crate::door_session::DoorDecision {
+                    let door = DoorDecision {
                         payload: e.to_json(),
                         at: Instant::now(),
                     };
@@ -447,7 +456,7 @@ impl Pipeline {
                         Counters::bump(&c.decisions_dropped);
                     }
                 }
-                let state = crate::diskguard::Unstored {
+                let state = crate::storage::diskguard::Unstored {
                     count: unstored.len() as u64,
                     first: unstored
                         .front()
@@ -462,7 +471,7 @@ impl Pipeline {
         }
     }
 
-    fn record_unstored(&mut self, state: Option<crate::diskguard::Unstored>) {
+    fn record_unstored(&mut self, state: Option<crate::storage::diskguard::Unstored>) {
         if let Some(r) = &mut self.unstored_record {
             if let Err(e) = r.write(state) {
                 tracing::warn!("cannot update unstored.state: {e}");

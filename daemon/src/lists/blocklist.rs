@@ -12,8 +12,8 @@
 //! a new generation and then flips the pointer in one batch, so a crash mid-import leaves
 //! the old list in force; leftover generations are dropped at open.
 
-use crate::index::CompactIndex;
-use crate::store::{decode_i64, decode_u64, StoreError};
+use crate::lists::index::CompactIndex;
+use crate::storage::store::{decode_i64, decode_u64, StoreError};
 use arc_swap::ArcSwap;
 use id06_protocol::{BlocklistUpdate, CardStatus, CardUid, SnapshotChunk, UtcMillis};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
@@ -433,13 +433,13 @@ impl Blocklist {
                 .map_err(|e| self.err(e))?;
             progress((n * BLOB_CARDS + chunk.len()).min(entries.len()));
         }
-        crate::store::flush_db(&self.db, &self.dir)?;
+        crate::storage::store::flush_db(&self.db, &self.dir)?;
         let mut flip = sled::Batch::default();
         flip.insert(GENERATION, &new.to_be_bytes());
         flip.insert(VERSION, &version.to_be_bytes());
         flip.insert(CONFIRMED_AT, &now.as_millis().to_be_bytes());
         self.meta.apply_batch(flip).map_err(|e| self.err(e))?;
-        crate::store::flush_db(&self.db, &self.dir)?;
+        crate::storage::store::flush_db(&self.db, &self.dir)?;
         self.db.drop_tree(tree_name(old)).map_err(|e| self.err(e))?;
         Ok(())
     }
@@ -495,7 +495,7 @@ impl Blocklist {
                 Ok::<(), ConflictableTransactionError<()>>(())
             });
         result.map_err(|e| storage(format!("{e:?}")))?;
-        crate::store::flush_db(&self.db, &self.dir).map_err(|e| storage(e.to_string()))?;
+        crate::storage::store::flush_db(&self.db, &self.dir).map_err(|e| storage(e.to_string()))?;
         let set: Vec<(CardUid, CardStatus)> =
             update.set.iter().map(|e| (e.card_uid, e.status)).collect();
         let entries = if update.is_empty() {

@@ -7,12 +7,12 @@
 //! goes down for a few seconds; taps go on and their events wait in the outbox. A private
 //! mosquitto is the broker, and a ledger-side subscriber prints what the ledger receives.
 
-use crate::blocklist::Blocklist;
-use crate::broker::LocalBroker;
 use crate::config::Config;
+use crate::lists::blocklist::Blocklist;
+use crate::mqtt::broker::LocalBroker;
 use crate::run::{run, RunOptions};
 use crate::shared::Counters;
-use crate::store::Store;
+use crate::storage::store::Store;
 use id06_protocol::{CardStatus, CardUid, DenyReason, Event, ReaderStatus, Topics, UtcMillis};
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use std::collections::BTreeMap;

@@ -1,7 +1,7 @@
 //! Keeping the blocklist current from MQTT: updates on `{prefix}/blocklist/update`, the
 //! retained snapshot on `{prefix}/blocklist/snapshot` and `…/snapshot/{n}`.
 //!
-//! Design: the list session ([`crate::list_session`]) hands each message here and
+//! Design: the list session ([`crate::mqtt::list_session`]) hands each message here and
 //! acknowledges it to the broker only once [`BlocklistSync::handle`] returns, so a message
 //! is either applied, rejected with a log line, or delivered again after a restart; never
 //! dropped after the broker has been told it arrived. Messages are handled one at a time,
@@ -16,9 +16,9 @@
 //! there, the list is replaced from the files and the staging folder is emptied. Memory
 //! held for an incomplete snapshot is one chunk.
 
-use crate::blocklist::{Blocklist, Rejection};
+use crate::lists::blocklist::{Blocklist, Rejection};
+use crate::lists::signing::verify;
 use crate::shared::{Counters, Shared};
-use crate::signing::verify;
 use ed25519_dalek::VerifyingKey;
 use id06_protocol::{BlocklistUpdate, SnapshotChunk, SnapshotManifest, UtcMillis};
 use std::path::{Path, PathBuf};
@@ -351,7 +351,7 @@ impl BlocklistSync {
                 bytes.len()
             ));
         }
-        let hash = crate::publish::sha256_hex(bytes);
+        let hash = crate::lists::signing::sha256_hex(bytes);
         if version != m.version || !m.names_chunk(index, &hash) {
             return self.rejected(format!(
                 "blocklist snapshot chunk (version {version}, index {index}, {} bytes) rejected: it is not a chunk of the snapshot being collected (version {}, {} chunks; its hash does not match)",
@@ -386,7 +386,7 @@ impl BlocklistSync {
                 let bytes = staging
                     .read(i)
                     .map_err(|e| format!("staged chunk {i} cannot be read: {e}"))?;
-                if !m.names_chunk(i, &crate::publish::sha256_hex(&bytes)) {
+                if !m.names_chunk(i, &crate::lists::signing::sha256_hex(&bytes)) {
                     return Err(format!("staged chunk {i} changed on disk"));
                 }
                 let c = SnapshotChunk::decode(&bytes).map_err(|e| e.to_string())?;
@@ -435,7 +435,7 @@ impl BlocklistSync {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::signing::{generate_key, sign};
+    use crate::lists::signing::{generate_key, sign};
     use id06_protocol::{CardStatus, CardUid};
 
     fn uid(n: u32) -> CardUid {
@@ -445,7 +445,7 @@ mod tests {
     /// Chunks and a manifest for `n` cards, as the producer makes them.
     fn produce(version: u64, n: u32) -> (SnapshotManifest, Vec<Vec<u8>>) {
         let entries: Vec<_> = (0..n).map(|i| (uid(i), CardStatus::Blocked)).collect();
-        let (m, messages) = crate::publish::snapshot_messages("t", version, &entries);
+        let (m, messages) = crate::mqtt::publish::snapshot_messages("t", version, &entries);
         (m, messages.into_iter().map(|m| m.payload).collect())
     }
 
@@ -456,7 +456,7 @@ mod tests {
 
     fn rig(key: Option<VerifyingKey>) -> Rig {
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(dir.path(), "t").unwrap();
+        let store = crate::storage::store::Store::open(dir.path(), "t").unwrap();
         let bl = Blocklist::open(&store.db, &store.dir).unwrap();
         let shared = Arc::new(Shared::new(&[]));
         let sync = BlocklistSync::new(bl, key, shared, dir.path());
