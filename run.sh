@@ -15,6 +15,8 @@ PACKAGES=(
   systemd binutils lintian             # systemd-analyze for the unit; objdump, strip, lintian for the .deb
   openssl ca-certificates              # certificates made by the TLS tests; the system CA bundle
   faketime                             # events dated in the past for the retention tests
+  iproute2 util-linux                  # ip (loopback in the PC/SC test namespaces), prlimit
+  chromium                             # the headless browser the commissioning-page tests drive
 )
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }

@@ -37,6 +37,8 @@ struct RawConfig {
     #[serde(default)]
     metrics: RawMetrics,
     #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
     blocklist: BlocklistSettings,
     #[serde(default)]
     access: AccessSettings,
@@ -75,6 +77,42 @@ struct RawReader {
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
     listen: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: Option<Spanned<String>>,
+    password_file: Option<String>,
+}
+
+/// `[http]`: the commissioning page and `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpSettings {
+    /// Where the page is served.
+    pub listen: SocketAddr,
+    /// A file holding the page's password (HTTP Basic, any user name). Required when
+    /// `listen` is not a loopback address.
+    pub password_file: Option<PathBuf>,
+}
+
+impl HttpSettings {
+    /// The password from `password_file` (its first line), if one is configured.
+    pub fn read_password(&self) -> Result<Option<String>, String> {
+        let Some(path) = &self.password_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read [http] password_file {}: {e}", path.display()))?;
+        let password = text.lines().next().unwrap_or("").to_string();
+        if password.is_empty() {
+            return Err(format!(
+                "[http] password_file {} is empty: write the page's password on its first line",
+                path.display()
+            ));
+        }
+        Ok(Some(password))
+    }
 }
 
 /// The kind of a reader (contract §4).
@@ -327,6 +365,8 @@ pub struct Config {
     pub events: EventsSettings,
     /// Prometheus endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// `[http]`: the commissioning page.
+    pub http: Option<HttpSettings>,
     /// Blocklist policy.
     pub blocklist: BlocklistSettings,
     /// `[access]`: what the site's own list does.
@@ -612,6 +652,35 @@ impl Config {
             })?),
         };
 
+        let http = match &raw.http.listen {
+            None => {
+                if raw.http.password_file.is_some() {
+                    return Err(loc.whole(
+                        "[http] password_file is set but [http] listen is not: set listen (for example \"127.0.0.1:8080\") or remove the section",
+                    ));
+                }
+                None
+            }
+            Some(s) => {
+                let listen = s.get_ref().parse::<SocketAddr>().map_err(|_| {
+                    loc.at(
+                        s.span(),
+                        format!("[http] listen {:?} is not an address:port", s.get_ref()),
+                    )
+                })?;
+                if !listen.ip().is_loopback() && raw.http.password_file.is_none() {
+                    return Err(loc.at(
+                        s.span(),
+                        format!("[http] listen {:?} is reachable from the network: the page shows card UIDs and the gateway's state, so set [http] password_file (a file with the password) or listen on 127.0.0.1", s.get_ref()),
+                    ));
+                }
+                Some(HttpSettings {
+                    listen,
+                    password_file: raw.http.password_file.as_deref().map(resolve),
+                })
+            }
+        };
+
         // [[reader]]
         let mut seen: HashMap<String, usize> = HashMap::new();
         let mut readers = Vec::with_capacity(raw.readers.len());
@@ -719,6 +788,7 @@ impl Config {
             debounce: d,
             events: raw.events,
             metrics_listen,
+            http,
             blocklist: raw.blocklist,
             access: raw.access,
             ledger: raw.ledger,
@@ -809,6 +879,12 @@ impl Config {
         let _ = writeln!(s, "\n[events]\nkeep_days = {}", self.events.keep_days);
         if let Some(l) = self.metrics_listen {
             let _ = writeln!(s, "\n[metrics]\nlisten = {}", q(&l.to_string()));
+        }
+        if let Some(h) = &self.http {
+            let _ = writeln!(s, "\n[http]\nlisten = {}", q(&h.listen.to_string()));
+            if let Some(f) = &h.password_file {
+                let _ = writeln!(s, "password_file = {}", p(f));
+            }
         }
         let b = &self.blocklist;
         let _ = writeln!(
@@ -913,6 +989,53 @@ direction = "out"
         let again = load(&c.render()).unwrap();
         assert_eq!(again.readers, c.readers);
         assert_eq!(again.mqtt, c.mqtt);
+    }
+
+    #[test]
+    fn the_page_on_loopback_needs_no_password_and_renders_back() {
+        let c = load(&format!("{GOOD}\n[http]\nlisten = \"127.0.0.1:8080\"\n")).unwrap();
+        let http = c.http.clone().unwrap();
+        assert_eq!(http.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(http.password_file, None);
+        let c = load(&format!(
+            "{GOOD}\n[http]\nlisten = \"[::1]:0\"\npassword_file = \"page.pw\"\n"
+        ))
+        .unwrap();
+        let http = c.http.clone().unwrap();
+        assert_eq!(
+            http.password_file,
+            Some(PathBuf::from("/etc/id06d/page.pw"))
+        );
+        assert_eq!(load(&c.render()).unwrap().http, c.http);
+        assert_eq!(load(GOOD).unwrap().http, None);
+    }
+
+    #[test]
+    fn the_page_on_the_network_without_a_password_is_refused_at_its_line() {
+        let e = load(&format!("{GOOD}\n[http]\nlisten = \"0.0.0.0:8080\"\n"))
+            .unwrap_err()
+            .0;
+        assert!(e.starts_with("/etc/id06d/id06d.toml:22:"), "{e}");
+        assert!(e.contains("password_file"), "{e}");
+        let with = format!(
+            "{GOOD}\n[http]\nlisten = \"192.0.2.7:8080\"\npassword_file = \"/etc/id06d/pw\"\n"
+        );
+        assert!(load(&with).is_ok());
+        let e = load(&format!("{GOOD}\n[http]\npassword_file = \"pw\"\n"))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("[http] listen is not"), "{e}");
+        let e = load(&format!("{GOOD}\n[http]\nlisten = \"localhost:80\"\n"))
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains(":22:") && e.contains("not an address:port"),
+            "{e}"
+        );
+        let e = load(&format!("{GOOD}\n[http]\nlisen = \"127.0.0.1:1\"\n"))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("lisen"), "{e}");
     }
 
     #[test]

@@ -354,25 +354,44 @@ pub async fn run(
         injector: options.injector.then(|| reader_tx.clone()),
     };
     drop(reader_tx);
-    let metrics = match config.metrics_listen {
-        Some(addr) => {
-            let source = crate::ops::metrics::MetricsSource {
-                shared: shared.clone(),
-                outbox: outbox.clone(),
-                blocklist: blocklist.clone(),
-            };
-            // Bind now, so that a taken port is a clear start-up error.
-            let listener = crate::ops::metrics::bind(addr).map_err(|e| {
-                RunError::Setup(format!("cannot listen for [metrics] on {addr}: {e}"))
-            })?;
-            Some(tokio::spawn(async move {
-                if let Err(e) = crate::ops::metrics::serve(listener, source).await {
-                    tracing::error!("the metrics endpoint stopped: {e}");
-                }
-            }))
-        }
-        None => None,
+    // The commissioning page and /metrics.
+    let status_source = crate::ops::status::StatusSource {
+        shared: shared.clone(),
+        outbox: outbox.clone(),
+        blocklist: blocklist.clone(),
+        site_list: site_list.clone(),
+        started_at,
+        ledger_confirm: config.ledger.confirm,
+        max_age_hours: config.blocklist.max_age_hours,
+        access_mode: config.access.mode,
+        site_id: config.site_id.clone(),
+        terminal_id: config.terminal_id.clone(),
     };
+    let mut servers: Vec<Option<tokio::task::JoinHandle<()>>> = Vec::new();
+    if let Some(http) = &config.http {
+        let password = http.read_password().map_err(RunError::Setup)?;
+        let app = crate::ops::http::router(
+            status_source.clone(),
+            password.as_deref(),
+            crate::ops::http::Serves::Everything,
+        );
+        servers.push(start_server(http.listen, "[http]", app, |addr| {
+            tracing::info!(%addr, "commissioning page at http://{addr}/ (metrics at http://{addr}/metrics)")
+        }));
+    }
+    if let Some(addr) = config.metrics_listen {
+        let app = crate::ops::http::router(
+            status_source.clone(),
+            None,
+            crate::ops::http::Serves::MetricsOnly,
+        );
+        servers.push(start_server(
+            addr,
+            "[metrics]",
+            app,
+            |addr| tracing::info!(%addr, "metrics at http://{addr}/metrics"),
+        ));
+    }
     // The data directory, watched while we run (see `storage/watch.rs`).
     let (watch_tx, watch_failed) = tokio::sync::oneshot::channel::<String>();
     let watcher = {
@@ -458,8 +477,8 @@ pub async fn run(
     if let Some(w) = watchdog {
         w.abort();
     }
-    if let Some(m) = metrics {
-        m.abort();
+    for server in servers.into_iter().flatten() {
+        server.abort();
     }
     if let Err(e) = outbox.checkpoint() {
         if failure.is_none() {
@@ -476,6 +495,30 @@ pub async fn run(
         Some(f) => Err(RunError::Internal(f)),
         None => Ok(()),
     }
+}
+
+/// Serves `app` on `addr` and says where. A port that cannot be had is an error in the log
+/// and no server: the page and the metrics are for people, the taps must go on.
+fn start_server(
+    addr: std::net::SocketAddr,
+    section: &str,
+    app: axum::Router,
+    announce: impl FnOnce(std::net::SocketAddr),
+) -> Option<tokio::task::JoinHandle<()>> {
+    let listener = match crate::ops::http::bind(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot listen for {section} on {addr}: {e}; the gateway runs without it (change {section} listen and restart)");
+            return None;
+        }
+    };
+    announce(listener.local_addr().unwrap_or(addr));
+    let section = section.to_string();
+    Some(tokio::spawn(async move {
+        if let Err(e) = crate::ops::http::serve(listener, app).await {
+            tracing::error!("the {section} server stopped: {e}");
+        }
+    }))
 }
 
 /// Raises the soft limit on open files to the hard one (systemd's default soft limit is

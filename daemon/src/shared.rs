@@ -94,6 +94,54 @@ pub struct Shared {
     /// Signalled whenever events leave the outbox acknowledged (for benchmarks and tests
     /// that wait for delivery without spinning).
     pub delivered: Notify,
+    /// The taps as they are decided, for the commissioning page.
+    pub taps: TapFeed,
+}
+
+/// The last taps, and each new one as it is decided (its event as JSON), for the
+/// commissioning page. Pushing costs the tap path one copy of the payload and a short
+/// lock; nobody listening costs nothing more.
+#[derive(Debug)]
+pub struct TapFeed {
+    live: tokio::sync::broadcast::Sender<std::sync::Arc<[u8]>>,
+    recent: Mutex<std::collections::VecDeque<std::sync::Arc<[u8]>>>,
+}
+
+impl TapFeed {
+    /// How many taps are kept for a page that opens.
+    pub const RECENT: usize = 20;
+
+    fn new() -> TapFeed {
+        TapFeed {
+            live: tokio::sync::broadcast::channel(64).0,
+            recent: Mutex::new(std::collections::VecDeque::with_capacity(Self::RECENT)),
+        }
+    }
+
+    /// A tap was decided: `event` is its event as JSON.
+    pub fn push(&self, event: &[u8]) {
+        let event: std::sync::Arc<[u8]> = event.into();
+        if let Ok(mut recent) = self.recent.lock() {
+            if recent.len() == Self::RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(event.clone());
+        }
+        let _ = self.live.send(event);
+    }
+
+    /// The last taps, oldest first.
+    pub fn recent(&self) -> Vec<std::sync::Arc<[u8]>> {
+        self.recent
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every tap from now on (a receiver that falls more than 64 behind skips ahead).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<std::sync::Arc<[u8]>> {
+        self.live.subscribe()
+    }
 }
 
 /// Liveness of the daemon's work loops. The watchdog is fed only while both look alive:
@@ -169,6 +217,7 @@ impl Shared {
             broker_connected: std::sync::atomic::AtomicBool::new(false),
             heartbeat: Heartbeat::default(),
             delivered: Notify::new(),
+            taps: TapFeed::new(),
         }
     }
 

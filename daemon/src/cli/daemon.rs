@@ -40,6 +40,10 @@ pub(super) fn check_config(config: &Path) -> Result<(), Failure> {
     let file = config.source.display().to_string();
     // Every file `run` will read is read now, not at the first connection.
     read_password(&config).map_err(|f| usage(format!("{file}: {}", f.message)))?;
+    if let Some(http) = &config.http {
+        http.read_password()
+            .map_err(|e| usage(format!("{file}: {e}")))?;
+    }
     if config.mqtt.tls {
         crate::mqtt::tls::client_config(&config.mqtt)
             .map_err(|e| usage(format!("{file}: [mqtt] {e}")))?;

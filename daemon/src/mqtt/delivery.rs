@@ -17,7 +17,6 @@
 
 use crate::config::MqttSettings;
 use crate::lists::blocklist::Blocklist;
-use crate::ops::clock::clock_synced;
 use crate::shared::{Counters, Shared};
 use crate::storage::outbox::Outbox;
 use id06_protocol::{Event, GatewayStatus, Topics, UtcMillis};
@@ -178,34 +177,14 @@ impl MqttTask {
     }
 
     fn status_payload(&self) -> Vec<u8> {
-        let index = self.blocklist.index();
-        let now = UtcMillis::now();
-        let status = GatewayStatus {
-            online: true,
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            started_at: self.started_at,
-            stream: self.outbox.stream(),
-            last_seq: self.outbox.last_seq(),
-            blocklist_version: index.version,
-            blocklist_age_s: index.age_s(now),
-            outbox_depth: self.outbox.depth(),
-            ledger_confirmed_seq: self
-                .ledger
-                .confirm
-                .then(|| self.outbox.confirmed_seq(&self.outbox.stream()).ok())
-                .flatten(),
-            ledger_unconfirmed: self.ledger.confirm.then(|| self.outbox.unconfirmed()),
-            clock_synced: clock_synced(),
-            blocklist_stale: index.is_stale(now, self.max_age_hours),
-            blocklist_gap: self.shared.blocklist_gap.lock().ok().and_then(|g| *g),
-            storage_error: self
-                .shared
-                .storage_error
-                .lock()
-                .ok()
-                .and_then(|e| e.clone()),
-            storage_loss: self.shared.storage_loss.lock().ok().and_then(|e| e.clone()),
-        };
+        let status = crate::ops::status::gateway_status(
+            &self.shared,
+            &self.outbox,
+            &self.blocklist,
+            self.started_at,
+            self.ledger.confirm,
+            self.max_age_hours,
+        );
         serde_json::to_vec(&status).unwrap_or_default()
     }
 

@@ -807,12 +807,17 @@ impl Outbox {
         Ok(Some((found, missing)))
     }
 
-    /// Depth, oldest pending event and archive size.
-    pub fn stats(&self) -> Result<OutboxStats, StoreError> {
-        let oldest = match self.first_pending()? {
+    /// The oldest event waiting for the broker: its seq (within its stream) and time.
+    pub fn oldest_pending(&self) -> Result<Option<(u64, UtcMillis)>, StoreError> {
+        Ok(match self.first_pending()? {
             Some(pos) => self.event(pos)?.map(|e| (e.seq, e.occurred_at)),
             None => None,
-        };
+        })
+    }
+
+    /// Depth, oldest pending event and archive size (a scan of the archive).
+    pub fn stats(&self) -> Result<OutboxStats, StoreError> {
+        let oldest = self.oldest_pending()?;
         let mut archived = 0u64;
         for item in self.store.journal.scan_prefix([EVENT]) {
             item.map_err(|e| self.err(e))?;

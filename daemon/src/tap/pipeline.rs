@@ -335,8 +335,12 @@ impl Pipeline {
                 let toggles: Vec<ToggleRecord> =
                     unstored.iter().filter_map(|p| p.toggle).collect();
                 let announced: Vec<bool> = unstored.iter().map(|p| p.announced).collect();
-                let (decisions, doors, counters) =
-                    (&self.decisions, &self.doors, &self.shared.counters);
+                let (decisions, doors, counters, shared) = (
+                    &self.decisions,
+                    &self.doors,
+                    &self.shared.counters,
+                    &self.shared,
+                );
                 // The decisions go the moment the events are on disk; the database is
                 // updated in memory while the MQTT task sends them.
                 self.outbox
@@ -346,6 +350,7 @@ impl Pipeline {
                                 continue; // its decision went out while the disk was full
                             }
                             let payload = e.to_json();
+                            shared.taps.push(&payload);
                             let at = Instant::now();
                             let door = DoorDecision {
                                 payload: payload.clone(),
@@ -448,8 +453,10 @@ impl Pipeline {
                         reason = e.reason.map_or("", |r| r.as_str()),
                         "tap decided but not yet stored (disk full)"
                     );
+                    let payload = e.to_json();
+                    self.shared.taps.push(&payload);
                     let door = DoorDecision {
-                        payload: e.to_json(),
+                        payload,
                         at: Instant::now(),
                     };
                     if self.doors.try_send(door).is_err() {

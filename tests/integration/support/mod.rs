@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod lossyfs;
 pub use id06d::mqtt::broker::LocalBroker;
 pub use lossyfs::LossyMount;
