@@ -146,6 +146,8 @@ fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
     };
     assert_eq!(field("Package"), "id06d");
     assert!(field("Depends").contains("libc6") && field("Depends").contains("adduser"));
+    assert!(field("Depends").contains("init-system-helpers"));
+    assert!(field("Recommends").contains("mosquitto"));
     let x = dir.path().join("x");
     let st = Command::new("dpkg-deb")
         .args(["--control", &deb])
@@ -170,9 +172,21 @@ fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
         .filter(|l| l.starts_with("E:") || l.starts_with("W:"))
         .collect();
     assert!(complaints.is_empty(), "lintian: {complaints:#?}");
-    // The packaged example configuration is valid.
+    // The packaged example configuration asks for this gate's identity, and is valid once
+    // it has it.
     let cfg = dir.path().join("id06d.toml");
-    std::fs::copy(root.join("systemd/id06d.toml"), &cfg).unwrap();
+    let shipped = std::fs::read_to_string(root.join("systemd/id06d.toml")).unwrap();
+    std::fs::write(&cfg, &shipped).unwrap();
+    let (code, _, err) = id06d(&["check-config", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("site_id"), "{err}");
+    std::fs::write(
+        &cfg,
+        shipped
+            .replace("# site_id     = ", "site_id     = ")
+            .replace("# terminal_id = ", "terminal_id = "),
+    )
+    .unwrap();
     let (code, _, err) = id06d(&["check-config", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
 }

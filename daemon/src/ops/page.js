@@ -82,7 +82,7 @@ function tapRow(e, fresh) {
   const tr = el("tr", null, fresh ? "new" : "");
   tr.dataset.eventId = e.event_id;
   const when = new Date(e.occurred_at);
-  tr.appendChild(el("td", isNaN(when) ? e.occurred_at : when.toLocaleTimeString()));
+  tr.appendChild(el("td", isNaN(when) ? e.occurred_at : when.toLocaleTimeString("sv-SE")));
   const card = el("td");
   card.appendChild(el("span", e.card_uid, "uid"));
   card.appendChild(el("div", e.direction + " · " + e.card_status, "empty"));
