@@ -83,6 +83,10 @@ pub async fn run(
     };
     let outbox = Outbox::open(&store)?;
     outbox.set_ledger_confirm(config.ledger.confirm);
+    // Checkpoints (sled flushed and synced) off the tap pipeline's thread.
+    let checkpoints = outbox
+        .start_checkpoints()
+        .map_err(|e| RunError::Internal(format!("cannot start the checkpoint thread: {e}")))?;
     let (unstored_record, lost) = match crate::storage::diskguard::UnstoredRecord::open(
         &config.data_dir,
     ) {
@@ -480,6 +484,7 @@ pub async fn run(
     for server in servers.into_iter().flatten() {
         server.abort();
     }
+    drop(checkpoints);
     if let Err(e) = outbox.checkpoint() {
         if failure.is_none() {
             return Err(e.into());

@@ -38,7 +38,8 @@ use crate::storage::store::{decode_i64, decode_u64, Store, StoreError};
 use crate::storage::wal::{AckLog, Insert, Wal};
 use id06_protocol::{CardUid, Direction, Event, StreamId, UtcMillis};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The write-ahead log's file name in the data directory.
 pub const WAL_NAME: &str = "outbox.wal";
@@ -161,6 +162,34 @@ pub struct Outbox {
     unconfirmed: Arc<AtomicU64>,
     /// Every stream of this data directory and its base position, oldest first.
     streams: Arc<Vec<(StreamId, u64)>>,
+    /// Where a commit that finds a checkpoint due asks for it, once
+    /// [`Outbox::start_checkpoints`] runs them on a thread of their own; until then (and
+    /// after it stopped) the commit checkpoints itself.
+    checkpointer: Arc<OnceLock<SyncSender<Checkpoint>>>,
+}
+
+/// A message to the checkpoint thread.
+enum Checkpoint {
+    /// A commit found one due.
+    Due,
+    /// Stop (the daemon is stopping; its last checkpoint is made by the caller).
+    Stop,
+}
+
+/// The checkpoint thread; stops it when dropped.
+#[derive(Debug)]
+pub struct Checkpoints {
+    tx: SyncSender<Checkpoint>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Checkpoints {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Checkpoint::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// The highest position sled knows: `m/last_seq`, or the last archived event.
@@ -319,6 +348,7 @@ impl Outbox {
             confirm: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             unconfirmed: Arc::new(AtomicU64::new(unconfirmed)),
             streams: Arc::new(streams),
+            checkpointer: Arc::new(OnceLock::new()),
         };
         outbox.checkpoint()?;
         Ok(outbox)
@@ -457,12 +487,64 @@ impl Outbox {
         self.last_pos.store(pos, Ordering::Release);
         drop(applying);
         if logs.wal.checkpoint_due() {
-            if let Err(e) = self.checkpoint_locked(&mut logs) {
-                // The taps are safe in the log; the next commit tries again.
-                tracing::warn!("outbox checkpoint failed: {e}");
+            // Off the tap's path where a checkpoint thread runs: this commit's events go
+            // out while sled is flushed (the next commit waits for the log only if it
+            // comes before the checkpoint is done).
+            let handed_over = match self.checkpointer.get() {
+                Some(tx) => match tx.try_send(Checkpoint::Due) {
+                    Ok(()) | Err(TrySendError::Full(_)) => true,
+                    Err(TrySendError::Disconnected(_)) => false,
+                },
+                None => false,
+            };
+            if !handed_over {
+                if let Err(e) = self.checkpoint_locked(&mut logs) {
+                    // The taps are safe in the log; the next commit tries again.
+                    tracing::warn!("outbox checkpoint failed: {e}");
+                }
             }
         }
         Ok(recorded)
+    }
+
+    /// Runs checkpoints on a thread of their own from now on (the daemon does; a command
+    /// that commits checkpoints in its commits): when a commit finds one due, and when the
+    /// log's oldest record has waited twice [`crate::storage::wal::CHECKPOINT_SECS`] (no
+    /// commit came to find it due: an idle gateway). Dropping the handle stops the thread; commits then checkpoint
+    /// themselves again.
+    pub fn start_checkpoints(&self) -> std::io::Result<Checkpoints> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Checkpoint>(1);
+        if self.checkpointer.set(tx.clone()).is_err() {
+            return Err(std::io::Error::other(
+                "the outbox's checkpoints already run on a thread",
+            ));
+        }
+        let outbox = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("outbox-checkpoint".into())
+            .spawn(move || loop {
+                let asked = match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+                    Ok(Checkpoint::Due) => true,
+                    Err(RecvTimeoutError::Timeout) => false,
+                    Ok(Checkpoint::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                };
+                let mut logs = outbox.logs.lock().unwrap_or_else(|e| e.into_inner());
+                let due = if asked {
+                    logs.wal.checkpoint_due()
+                } else {
+                    logs.wal.checkpoint_overdue()
+                };
+                if due {
+                    if let Err(e) = outbox.checkpoint_locked(&mut logs) {
+                        // The taps are safe in the log; tried again when due.
+                        tracing::warn!("outbox checkpoint failed: {e}");
+                    }
+                }
+            })?;
+        Ok(Checkpoints {
+            tx,
+            thread: Some(thread),
+        })
     }
 
     fn wal_err(&self, e: std::io::Error) -> StoreError {
@@ -1060,6 +1142,45 @@ mod tests {
         let o = Outbox::open(&store).unwrap();
         assert_eq!(o.depth(), 297);
         assert_eq!(o.first_pending().unwrap(), Some(1));
+    }
+
+    #[test]
+    fn a_due_checkpoint_runs_on_the_checkpoint_thread_and_in_the_commit_once_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "t1").unwrap();
+        let o = Outbox::open(&store).unwrap();
+        let log_len = |o: &Outbox| o.logs.lock().unwrap().wal.len();
+        let due = |o: &Outbox| o.logs.lock().unwrap().wal.checkpoint_due();
+        let wait = |what: &str, cond: &dyn Fn() -> bool| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+            while !cond() {
+                assert!(std::time::Instant::now() < deadline, "{what}");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+        let thread = o.start_checkpoints().unwrap();
+        assert!(o.start_checkpoints().is_err(), "one checkpoint thread");
+        // An idle gateway: one tap, then nothing; the thread checkpoints the overdue log.
+        o.commit(vec![draft("04A1B2C3", 1)], &[]).unwrap();
+        assert!(log_len(&o) > 0);
+        wait("the idle log checkpointed by the thread", &|| {
+            log_len(&o) == 0
+        });
+        // A busy one: the commit that finds a checkpoint due hands it to the thread.
+        o.commit(vec![draft("04A1B2C3", 2)], &[]).unwrap();
+        wait("a checkpoint due", &|| due(&o));
+        o.commit(vec![draft("04A1B2C3", 3)], &[]).unwrap();
+        wait("the due log checkpointed by the thread", &|| {
+            log_len(&o) == 0
+        });
+        drop(thread);
+        // Without the thread, the commit that finds one due checkpoints before it returns.
+        o.commit(vec![draft("04A1B2C3", 4)], &[]).unwrap();
+        wait("a checkpoint due", &|| due(&o));
+        o.commit(vec![draft("04A1B2C3", 5)], &[]).unwrap();
+        assert_eq!(log_len(&o), 0);
+        assert_eq!(o.last_seq(), 5);
+        assert_eq!(o.depth(), 5);
     }
 
     #[test]

@@ -354,6 +354,15 @@ impl Wal {
                     .is_some_and(|t| t.elapsed().as_secs() >= CHECKPOINT_SECS))
     }
 
+    /// Due and left so for as long again: no commit came to find it due (an idle gateway's
+    /// checkpoint thread takes it then, not in the middle of a run of taps).
+    pub fn checkpoint_overdue(&self) -> bool {
+        !self.pinned
+            && self
+                .oldest
+                .is_some_and(|t| t.elapsed().as_secs() >= 2 * CHECKPOINT_SECS)
+    }
+
     /// Empties the log (call only once what it holds is durable elsewhere and the mark
     /// names `epoch`): zeroes every byte records used, syncs, and continues in `epoch`.
     pub fn reset(&mut self, epoch: u64) -> std::io::Result<()> {
