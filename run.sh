@@ -17,6 +17,7 @@ PACKAGES=(
   faketime                             # events dated in the past for the retention tests
   iproute2 util-linux                  # ip (loopback in the PC/SC test namespaces), prlimit
   chromium                             # the headless browser the commissioning-page tests drive
+  gcc git                              # the libosdp crate compiles its C source and asks git for its version
 )
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }

@@ -71,6 +71,22 @@ struct RawReader {
     script: Option<String>,
     poll_ms: Option<u64>,
     direction: DirectionMode,
+    address: Option<u8>,
+    scbk_file: Option<String>,
+    reversed: Option<bool>,
+    feedback: Option<FeedbackMode>,
+    door_output: Option<u8>,
+    open_ms: Option<u32>,
+}
+
+/// Whether the gate answers the worker at the reader (light, sound, display).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeedbackMode {
+    /// Whatever the reader can do.
+    Auto,
+    /// Nothing (another system drives the reader's light).
+    None,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -127,6 +143,8 @@ pub enum ReaderKind {
     Line,
     /// A timeline played by the daemon itself.
     Simulated,
+    /// An OSDP door reader on a serial line (RS-485).
+    Osdp,
 }
 
 /// How a reader's taps get their direction.
@@ -319,6 +337,23 @@ pub enum DriverSettings {
         path: PathBuf,
         /// Baud rate.
         baud: u32,
+    },
+    /// An OSDP reader; readers with the same `path` share the line.
+    Osdp {
+        /// Serial device (the RS-485 adapter).
+        path: PathBuf,
+        /// Baud rate (the line's; the same for every reader on it).
+        baud: u32,
+        /// The reader's OSDP address.
+        address: u8,
+        /// The secure channel base key's file.
+        scbk_file: Option<PathBuf>,
+        /// The reader sends the UID's bytes last first.
+        reversed: bool,
+        /// Feedback at the reader from the local decision.
+        feedback: FeedbackMode,
+        /// The output pulsed on a granted tap, and for how long (ms).
+        door: Option<(u8, u32)>,
     },
     /// A simulated timeline.
     Simulated {
@@ -728,6 +763,14 @@ impl Config {
                 }
                 Ok(b)
             };
+            if r.kind != ReaderKind::Osdp {
+                unexpected("address", r.address.is_some())?;
+                unexpected("scbk_file", r.scbk_file.is_some())?;
+                unexpected("reversed", r.reversed.is_some())?;
+                unexpected("feedback", r.feedback.is_some())?;
+                unexpected("door_output", r.door_output.is_some())?;
+                unexpected("open_ms", r.open_ms.is_some())?;
+            }
             let driver = match r.kind {
                 ReaderKind::Pcsc => {
                     unexpected("path", r.path.is_some())?;
@@ -754,6 +797,47 @@ impl Config {
                     DriverSettings::Line {
                         path: resolve(&need("path", &r.path)?),
                         baud: baud(9600)?,
+                    }
+                }
+                ReaderKind::Osdp => {
+                    unexpected("match", r.pattern.is_some())?;
+                    unexpected("script", r.script.is_some())?;
+                    unexpected("poll_ms", r.poll_ms.is_some())?;
+                    let b = baud(9600)?;
+                    if ![9600, 19200, 38400, 57600, 115_200, 230_400].contains(&b) {
+                        return Err(here(format!(
+                            "baud {b}: an OSDP line runs at 9600, 19200, 38400, 57600, 115200 or 230400"
+                        )));
+                    }
+                    let address = r.address.unwrap_or(0);
+                    if address > 126 {
+                        return Err(here(format!(
+                            "address {address}: OSDP addresses are 0 to 126"
+                        )));
+                    }
+                    let scbk_file = r.scbk_file.as_deref().map(resolve);
+                    if let Some(f) = &scbk_file {
+                        id06_readers::osdp::read_scbk(f).map_err(here)?;
+                    }
+                    if r.open_ms.is_some() && r.door_output.is_none() {
+                        return Err(here(
+                            "`open_ms` needs `door_output` (the output that opens the door)".into(),
+                        ));
+                    }
+                    let open_ms = r.open_ms.unwrap_or(3000);
+                    if !(100..=60_000).contains(&open_ms) {
+                        return Err(here(format!(
+                            "open_ms {open_ms} must be between 100 and 60000"
+                        )));
+                    }
+                    DriverSettings::Osdp {
+                        path: resolve(&need("path", &r.path)?),
+                        baud: b,
+                        address,
+                        scbk_file,
+                        reversed: r.reversed.unwrap_or(false),
+                        feedback: r.feedback.unwrap_or(FeedbackMode::Auto),
+                        door: r.door_output.map(|o| (o, open_ms)),
                     }
                 }
                 ReaderKind::Simulated => {
@@ -849,6 +933,36 @@ impl Config {
                 DriverSettings::Line { path, baud } => {
                     let _ = writeln!(s, "path      = {}\nbaud      = {baud}", p(path));
                 }
+                DriverSettings::Osdp {
+                    path,
+                    baud,
+                    address,
+                    scbk_file,
+                    reversed,
+                    feedback,
+                    door,
+                } => {
+                    let _ = writeln!(
+                        s,
+                        "path      = {}\nbaud      = {baud}\naddress   = {address}",
+                        p(path)
+                    );
+                    if let Some(f) = scbk_file {
+                        let _ = writeln!(s, "scbk_file = {}   # secure channel required", p(f));
+                    }
+                    let _ = writeln!(s, "reversed  = {reversed}");
+                    let _ = writeln!(
+                        s,
+                        "feedback  = {}",
+                        q(match feedback {
+                            FeedbackMode::Auto => "auto",
+                            FeedbackMode::None => "none",
+                        })
+                    );
+                    if let Some((o, ms)) = door {
+                        let _ = writeln!(s, "door_output = {o}\nopen_ms   = {ms}");
+                    }
+                }
                 DriverSettings::Simulated {
                     script_path,
                     script,
@@ -935,6 +1049,7 @@ pub fn kind_name(kind: ReaderKind) -> &'static str {
         ReaderKind::Pcsc => "pcsc",
         ReaderKind::Pn532 => "pn532",
         ReaderKind::Line => "line",
+        ReaderKind::Osdp => "osdp",
         ReaderKind::Simulated => "simulated",
     }
 }
@@ -989,6 +1104,74 @@ direction = "out"
         let again = load(&c.render()).unwrap();
         assert_eq!(again.readers, c.readers);
         assert_eq!(again.mqtt, c.mqtt);
+    }
+
+    #[test]
+    fn osdp_readers_take_their_keys_with_defaults_and_each_mistake_names_the_key() {
+        let osdp = |extra: &str| {
+            format!("{GOOD}\n[[reader]]\nname = \"door\"\nkind = \"osdp\"\npath = \"/dev/ttyUSB1\"\ndirection = \"in\"\n{extra}")
+        };
+        let c = load(&osdp("")).unwrap();
+        assert_eq!(
+            c.readers[2].driver,
+            DriverSettings::Osdp {
+                path: "/dev/ttyUSB1".into(),
+                baud: 9600,
+                address: 0,
+                scbk_file: None,
+                reversed: false,
+                feedback: FeedbackMode::Auto,
+                door: None,
+            }
+        );
+        let c = load(&osdp(
+            "address = 3\nbaud = 115200\ndoor_output = 1\nfeedback = \"none\"\nreversed = true\n",
+        ))
+        .unwrap();
+        match &c.readers[2].driver {
+            DriverSettings::Osdp {
+                address,
+                baud,
+                door,
+                feedback,
+                reversed,
+                ..
+            } => {
+                assert_eq!(
+                    (*address, *baud, *door, *feedback, *reversed),
+                    (3, 115_200, Some((1, 3000)), FeedbackMode::None, true)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(c.render().contains("door_output = 1"));
+        for (extra, needle) in [
+            ("address = 127\n", "address 127"),
+            ("baud = 4800\n", "baud 4800"),
+            ("open_ms = 2000\n", "`open_ms` needs `door_output`"),
+            ("door_output = 0\nopen_ms = 50\n", "open_ms 50"),
+            (
+                "scbk_file = \"/nonexistent/gate.scbk\"\n",
+                "/nonexistent/gate.scbk",
+            ),
+            ("feedback = \"loud\"\n", "expected `auto` or `none`"),
+        ] {
+            let e = load(&osdp(extra)).unwrap_err().0;
+            assert!(
+                e.contains(needle) && e.contains("/etc/id06d/id06d.toml:"),
+                "{extra}: {e}"
+            );
+        }
+        let e = load(&GOOD.replace(
+            "match     = \"ACR122\"",
+            "match     = \"ACR122\"\naddress = 1",
+        ))
+        .unwrap_err()
+        .0;
+        assert!(
+            e.contains("key `address` does not apply to kind \"pcsc\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -277,6 +277,8 @@ pub async fn run(
 
     // The tap pipeline and the MQTT task, together on their own thread (below).
     let (reader_tx, reader_rx) = mpsc::channel(4096);
+    let osdp_lines =
+        crate::tap::readers::osdp_lines(&config.readers, &reader_tx).map_err(RunError::Setup)?;
     let pipeline = Pipeline {
         site_id: config.site_id.clone(),
         terminal_id: config.terminal_id.clone(),
@@ -298,6 +300,7 @@ pub async fn run(
         shared: shared.clone(),
         decisions: decisions_tx,
         doors: doors_tx,
+        feedback: osdp_lines.feedback.clone(),
         epoch: Instant::now(),
         clock_was_synced: Some(crate::ops::clock::clock_synced()),
         data_dir: config.data_dir.clone(),
@@ -344,12 +347,14 @@ pub async fn run(
 
     // Readers.
     let readers_stop = CancellationToken::new();
-    let reader_tasks: Vec<_> = config
+    let mut reader_tasks: Vec<_> = config
         .readers
         .iter()
         .enumerate()
+        .filter(|(_, r)| !matches!(r.driver, crate::config::DriverSettings::Osdp { .. }))
         .map(|(i, r)| spawn_reader(i, r, reader_tx.clone(), readers_stop.clone()))
         .collect();
+    reader_tasks.extend(osdp_lines.spawn(&readers_stop));
     let running = Running {
         shared: shared.clone(),
         outbox: outbox.clone(),

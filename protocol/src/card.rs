@@ -152,6 +152,21 @@ impl DenyReason {
     }
 }
 
+impl DenyReason {
+    /// A short Swedish sentence for the worker at the reader (a display, the page).
+    pub fn swedish(self) -> &'static str {
+        match self {
+            DenyReason::Blocked => "Kortet är spärrat",
+            DenyReason::Terminated => "Kortet är avslutat",
+            DenyReason::Suspended => "Kortet är avstängt",
+            DenyReason::NotActivated => "Kortet är inte aktiverat",
+            DenyReason::BlocklistStale => "Spärrlistan är för gammal",
+            DenyReason::SiteBanned => "Spärrad på arbetsplatsen",
+            DenyReason::NotOnSiteList => "Inte anmäld på arbetsplatsen",
+        }
+    }
+}
+
 impl fmt::Display for DenyReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

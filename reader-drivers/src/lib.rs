@@ -18,6 +18,7 @@
 #![deny(missing_docs)]
 
 pub mod line;
+pub mod osdp;
 pub mod pcsc;
 pub mod pn532;
 pub mod simulated;

@@ -8,6 +8,7 @@ mod identity;
 mod inputs;
 mod ledger;
 mod ops;
+mod osdp;
 mod package;
 mod page;
 mod pcsc;

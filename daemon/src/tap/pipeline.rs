@@ -87,6 +87,9 @@ pub struct Pipeline {
     pub decisions: mpsc::Sender<Decided>,
     /// Decisions for `P/decision` (the door session; best effort: dropped when full).
     pub doors: mpsc::Sender<DoorDecision>,
+    /// The readers that answer the worker (light, sound, display, door), told once a tap
+    /// is durable.
+    pub feedback: Vec<crate::tap::readers::ReaderFeedback>,
     /// The zero point of the debouncer's clock.
     pub epoch: Instant,
     /// Whether the clock was synchronised at the last tap (to log changes once).
@@ -95,6 +98,23 @@ pub struct Pipeline {
     pub data_dir: std::path::PathBuf,
     /// Where the number of taps waiting in memory is recorded.
     pub unstored_record: Option<crate::storage::diskguard::UnstoredRecord>,
+}
+
+/// What the reader shows for a recorded tap.
+fn signal_for(e: &Event, door: Option<(u8, u32)>) -> id06_readers::osdp::Signal {
+    use id06_readers::osdp::Signal;
+    match e.reason {
+        None => Signal::Granted {
+            text: match e.direction {
+                id06_protocol::Direction::In => "Välkommen in".to_string(),
+                id06_protocol::Direction::Out => "Hej då".to_string(),
+            },
+            door,
+        },
+        Some(r) => Signal::Denied {
+            text: r.swedish().to_string(),
+        },
+    }
 }
 
 struct Pending {
@@ -186,6 +206,12 @@ impl Pipeline {
                     if state != ReaderState::Ok {
                         if s.state != state {
                             tracing::warn!(reader = %name, state = ?state, error = error.as_deref().unwrap_or(""), "reader is not ok");
+                        }
+                        s.last_error = error.clone();
+                    } else if let Some(e) = &error {
+                        // Answering, with something to say (an OSDP reader's tamper switch).
+                        if s.last_error.as_ref() != Some(e) {
+                            tracing::warn!(reader = %name, error = %e, "the reader reports a problem");
                         }
                         s.last_error = error.clone();
                     }
@@ -335,11 +361,12 @@ impl Pipeline {
                 let toggles: Vec<ToggleRecord> =
                     unstored.iter().filter_map(|p| p.toggle).collect();
                 let announced: Vec<bool> = unstored.iter().map(|p| p.announced).collect();
-                let (decisions, doors, counters, shared) = (
+                let (decisions, doors, counters, shared, feedback) = (
                     &self.decisions,
                     &self.doors,
                     &self.shared.counters,
                     &self.shared,
+                    &self.feedback,
                 );
                 // The decisions go the moment the events are on disk; the database is
                 // updated in memory while the MQTT task sends them.
@@ -348,6 +375,10 @@ impl Pipeline {
                         for ((pos, e), was_announced) in recorded.iter().zip(&announced) {
                             if *was_announced {
                                 continue; // its decision went out while the disk was full
+                            }
+                            // The worker at the reader first: green means recorded.
+                            if let Some(f) = feedback.iter().find(|f| f.reader == e.reader) {
+                                f.sender.send(signal_for(e, f.door));
                             }
                             let payload = e.to_json();
                             shared.taps.push(&payload);

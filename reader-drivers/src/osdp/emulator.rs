@@ -1,0 +1,240 @@
+//! An OSDP door reader for tests: libosdp's peripheral device (PD) mode on one end of a
+//! pty, the other end's path for the daemon. It presents cards when told, answers status
+//! queries with the tamper and power state it is given, and records every command the
+//! control panel sends it (LED, buzzer, text, output) with the time it arrived.
+
+use libosdp::{
+    Channel, ChannelError, OsdpCommand, OsdpEvent, OsdpEventCardRead, OsdpFlag, OsdpStatusReport,
+    OsdpStatusReportType, PdCapEntity, PdCapability, PdId, PdInfoBuilder, PeripheralDevice,
+};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A command the reader received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// When it arrived.
+    pub at: Instant,
+    /// The command.
+    pub command: OsdpCommand,
+}
+
+enum Ask {
+    Card(Vec<u8>),
+    Status { tamper: bool, power_failure: bool },
+}
+
+/// The emulated reader; dropping it unplugs it (the pty goes away).
+pub struct Reader {
+    path: PathBuf,
+    asks: Sender<Ask>,
+    received: Arc<Mutex<Vec<Received>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    slave: i32,
+}
+
+struct Master(i32);
+
+impl Channel for Master {
+    fn get_id(&self) -> i32 {
+        1000 + self.0
+    }
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, ChannelError> {
+        // SAFETY: valid buffer; our descriptor.
+        let n = unsafe { libc::read(self.0, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => {
+                    Err(ChannelError::WouldBlock)
+                }
+                // No one has the other end open yet (EIO on a master): nothing to read.
+                _ => Err(ChannelError::WouldBlock),
+            };
+        }
+        Ok(n as usize)
+    }
+    fn write(&mut self, buf: &[u8]) -> Result<usize, ChannelError> {
+        // SAFETY: valid buffer; our descriptor.
+        let n = unsafe { libc::write(self.0, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(ChannelError::WouldBlock);
+        }
+        Ok(n as usize)
+    }
+    fn flush(&mut self) -> Result<(), ChannelError> {
+        Ok(())
+    }
+    fn close(&mut self) -> Result<(), ChannelError> {
+        Ok(())
+    }
+}
+
+fn raw_nonblocking(fd: i32) {
+    // SAFETY: `fd` is open; `t` is filled by tcgetattr.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(fd, &mut t) == 0 {
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(fd, libc::TCSANOW, &t);
+        }
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+}
+
+impl Reader {
+    /// A reader at `address`, with `key` as its secure channel base key (none: it accepts
+    /// a line in the clear), that can drive a door output, an LED, a buzzer and a display.
+    pub fn start(address: u8, key: Option<[u8; 16]>) -> std::io::Result<Reader> {
+        let (mut master, mut slave) = (0, 0);
+        // SAFETY: out-pointers to two ints; no name, termios or window size.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        raw_nonblocking(master);
+        raw_nonblocking(slave);
+        // SAFETY: `slave` is an open pty.
+        let name = unsafe { libc::ptsname(master) };
+        if name.is_null() {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: ptsname returned a NUL-terminated string.
+        let path = PathBuf::from(
+            unsafe { std::ffi::CStr::from_ptr(name) }
+                .to_string_lossy()
+                .into_owned(),
+        );
+        let mut info = PdInfoBuilder::new()
+            .address(i32::from(address))
+            .and_then(|b| b.baud_rate(9600))
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .id(&PdId::from_number(address))
+            .capability(PdCapability::CommunicationSecurity(PdCapEntity::new(1, 1)))
+            .capability(PdCapability::CardDataFormat(PdCapEntity::new(1, 0)))
+            .capability(PdCapability::Readers(PdCapEntity::new(0, 1)))
+            .capability(PdCapability::OutputControl(PdCapEntity::new(1, 1)))
+            .capability(PdCapability::LedControl(PdCapEntity::new(1, 1)))
+            .capability(PdCapability::AudibleOutput(PdCapEntity::new(1, 1)))
+            .capability(PdCapability::TextOutput(PdCapEntity::new(1, 1)));
+        if let Some(k) = key {
+            info = info.flag(OsdpFlag::EnforceSecure).secure_channel_key(k);
+        }
+        let mut pd = PeripheralDevice::new(info, Box::new(Master(master)))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let status = Arc::new(Mutex::new((false, false)));
+        {
+            let (received, status) = (received.clone(), status.clone());
+            pd.set_command_callback(move |cmd: &mut OsdpCommand| {
+                if let OsdpCommand::Status(s) = cmd {
+                    let (tamper, power) = *status.lock().unwrap_or_else(|e| e.into_inner());
+                    s.nr_entries = 2;
+                    s.report[0] = u8::from(tamper);
+                    s.report[1] = u8::from(power);
+                }
+                received
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(Received {
+                        at: Instant::now(),
+                        command: cmd.clone(),
+                    });
+                0
+            });
+        }
+        let (asks, rx): (Sender<Ask>, Receiver<Ask>) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    pd.refresh();
+                    while let Ok(ask) = rx.try_recv() {
+                        let event = match ask {
+                            Ask::Card(uid) => OsdpEvent::CardRead(OsdpEventCardRead::new_raw(uid)),
+                            Ask::Status {
+                                tamper,
+                                power_failure,
+                            } => {
+                                *status.lock().unwrap_or_else(|e| e.into_inner()) =
+                                    (tamper, power_failure);
+                                let mut report = [0u8; 64];
+                                report[0] = u8::from(tamper);
+                                report[1] = u8::from(power_failure);
+                                OsdpEvent::Status(OsdpStatusReport {
+                                    type_: OsdpStatusReportType::Local,
+                                    nr_entries: 2,
+                                    report,
+                                })
+                            }
+                        };
+                        let _ = pd.notify_event(event);
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                drop(pd);
+                // SAFETY: our descriptor, closed once: unplugs the reader.
+                unsafe { libc::close(master) };
+            })
+        };
+        Ok(Reader {
+            path,
+            asks,
+            received,
+            stop,
+            thread: Some(thread),
+            slave,
+        })
+    }
+
+    /// The device the daemon opens.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Presents a card: one card read with `uid`'s bytes as raw data.
+    pub fn present(&self, uid: &[u8]) {
+        let _ = self.asks.send(Ask::Card(uid.to_vec()));
+    }
+
+    /// Reports the reader's tamper switch and power state.
+    pub fn report_status(&self, tamper: bool, power_failure: bool) {
+        let _ = self.asks.send(Ask::Status {
+            tamper,
+            power_failure,
+        });
+    }
+
+    /// Every command received so far (status queries and the like included).
+    pub fn received(&self) -> Vec<Received> {
+        self.received
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // SAFETY: our descriptor, closed once.
+        unsafe { libc::close(self.slave) };
+    }
+}

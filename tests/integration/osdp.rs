@@ -1,0 +1,185 @@
+//! OSDP door readers: the daemon as control panel, a real OSDP peripheral device (libosdp's
+//! PD mode) on the other end of a pty as the reader.
+
+use crate::support::*;
+use id06_readers::osdp::emulator::{Reader, Received};
+use id06_readers::osdp::libosdp::{OsdpCommand, OsdpLedColor};
+use std::time::Duration;
+
+const KEY: &str = "303132333435363738393a3b3c3d3e3f";
+const GRANTED: [u8; 7] = [0x04, 0xA1, 0xB2, 0xC3, 0xD4, 0xE5, 0xF6];
+const BLOCKED: [u8; 7] = [0x04, 0xB1, 0x0C, 0x4E, 0xD0, 0x00, 0x0B];
+
+fn key() -> [u8; 16] {
+    let mut k = [0u8; 16];
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&KEY[2 * i..2 * i + 2], 16).unwrap();
+    }
+    k
+}
+
+fn osdp_config(dir: &std::path::Path, url: &str, reader: &Reader, key_text: &str) -> TestConfig {
+    std::fs::write(dir.join("gate.scbk"), key_text).unwrap();
+    TestConfig::write(
+        dir,
+        url,
+        &format!(
+            "[[reader]]\nname = \"gate\"\nkind = \"osdp\"\npath = \"{}\"\nscbk_file = \"gate.scbk\"\ndoor_output = 0\nopen_ms = 1500\ndirection = \"in\"\n",
+            reader.path().display()
+        ),
+    )
+}
+
+fn reader_state(sub: &Subscriber, topic: &str) -> (String, String) {
+    sub.last_json(topic)
+        .map(|v| {
+            (
+                v["state"].as_str().unwrap_or("").to_string(),
+                v["last_error"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// The feedback commands (LED, buzzer, output, text) received since `from`.
+fn feedback(reader: &Reader, from: usize) -> Vec<OsdpCommand> {
+    reader
+        .received()
+        .into_iter()
+        .skip(from)
+        .map(|r: Received| r.command)
+        .filter(|c| {
+            matches!(
+                c,
+                OsdpCommand::Led(_)
+                    | OsdpCommand::Buzzer(_)
+                    | OsdpCommand::Output(_)
+                    | OsdpCommand::Text(_)
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn osdp_card_reads_are_taps_and_the_reader_shows_green_opens_the_door_or_shows_red() {
+    let reader = Reader::start(0, Some(key())).expect("an OSDP reader on a pty");
+    let dir = scratch();
+    let broker = broker(dir.path());
+    let config = osdp_config(dir.path(), &broker.url(), &reader, KEY);
+    let path = config.path.to_str().unwrap().to_string();
+    import_list(&path, "04B10C4ED0000B,blocked\n", &[]);
+    let p = config.base();
+    let topic = format!("{p}/reader/gate");
+    let sub = Subscriber::start(broker.port, "ledger-osdp", &[&format!("{p}/event"), &topic]);
+    let mut daemon = Daemon::start(&config);
+    wait_for("the reader online", Duration::from_secs(30), || {
+        reader_state(&sub, &topic).0 == "ok"
+    });
+    let device = sub.last_json(&topic).unwrap()["device"].clone();
+    assert!(
+        device.as_str().unwrap_or("").contains("secure channel"),
+        "{device}"
+    );
+
+    // A card that may pass: one event, then green, one beep, the door, the greeting.
+    let before = reader.received().len();
+    reader.present(&GRANTED);
+    wait_for("the granted event", Duration::from_secs(20), || {
+        sub.events(&format!("{p}/event")).len() == 1
+    });
+    let events = sub.events(&format!("{p}/event"));
+    assert_eq!(events[0].card_uid.to_string(), "04A1B2C3D4E5F6");
+    assert_eq!(events[0].reader, "gate");
+    assert_eq!(events[0].decision, id06_protocol::Decision::Granted);
+    wait_for("the granted feedback", Duration::from_secs(20), || {
+        feedback(&reader, before).len() >= 4
+    });
+    let got = feedback(&reader, before);
+    match &got[..] {
+        [OsdpCommand::Led(led), OsdpCommand::Buzzer(b), OsdpCommand::Output(o), OsdpCommand::Text(t)] =>
+        {
+            assert_eq!(led.temporary.on_color, OsdpLedColor::Green);
+            assert_eq!(b.rep_count, 1, "one beep");
+            assert_eq!((o.output_no, o.timer_count), (0, 15), "the door for 1.5 s");
+            assert_eq!(t.data, b"Valkommen in");
+        }
+        other => panic!("granted feedback: {other:?}"),
+    }
+
+    // A blocked card: red, three beeps, the reason, never the door.
+    let before = reader.received().len();
+    reader.present(&BLOCKED);
+    wait_for("the denied event", Duration::from_secs(20), || {
+        sub.events(&format!("{p}/event")).len() == 2
+    });
+    let events = sub.events(&format!("{p}/event"));
+    assert_eq!(events[1].reason.map(|r| r.as_str()), Some("blocked"));
+    wait_for("the denied feedback", Duration::from_secs(20), || {
+        feedback(&reader, before).len() >= 3
+    });
+    // (A door command would come before the text: the list is exact.)
+    let got = feedback(&reader, before);
+    match &got[..] {
+        [OsdpCommand::Led(led), OsdpCommand::Buzzer(b), OsdpCommand::Text(t)] => {
+            assert_eq!(led.temporary.on_color, OsdpLedColor::Red);
+            assert_eq!(b.rep_count, 3, "three beeps");
+            assert_eq!(t.data, b"Kortet ar sparrat");
+        }
+        other => panic!("denied feedback: {other:?}"),
+    }
+
+    // Tamper: the reader's state says so.
+    reader.report_status(true, false);
+    wait_for("the tamper report", Duration::from_secs(20), || {
+        reader_state(&sub, &topic).1.contains("tamper")
+    });
+
+    // Unplugged: absent, and the daemon goes on.
+    drop(reader);
+    wait_for("the reader absent", Duration::from_secs(20), || {
+        reader_state(&sub, &topic).0 == "absent"
+    });
+    assert!(daemon.is_running());
+    assert_eq!(daemon.terminate(), Some(0));
+}
+
+#[test]
+fn osdp_with_the_wrong_key_is_one_clear_error_on_the_reader_topic_and_no_crash() {
+    let reader = Reader::start(0, Some(key())).expect("an OSDP reader on a pty");
+    let dir = scratch();
+    let broker = broker(dir.path());
+    let config = osdp_config(
+        dir.path(),
+        &broker.url(),
+        &reader,
+        "00000000000000000000000000000000\n",
+    );
+    let p = config.base();
+    let topic = format!("{p}/reader/gate");
+    let sub = Subscriber::start(broker.port, "ledger-osdp-key", &[&topic]);
+    let mut daemon = Daemon::start(&config);
+    wait_for("the key error", Duration::from_secs(30), || {
+        let (state, error) = reader_state(&sub, &topic);
+        state == "failed" && error.contains("gate.scbk")
+    });
+    reader.present(&GRANTED);
+    assert!(daemon.is_running());
+    assert_eq!(daemon.terminate(), Some(0));
+}
+
+#[test]
+fn a_bad_osdp_key_file_is_a_configuration_error_naming_it() {
+    let dir = scratch();
+    std::fs::write(dir.path().join("gate.scbk"), "not a key").unwrap();
+    let config = TestConfig::write(
+        dir.path(),
+        "mqtt://127.0.0.1:1",
+        "[[reader]]\nname = \"gate\"\nkind = \"osdp\"\npath = \"/dev/null\"\nscbk_file = \"gate.scbk\"\ndirection = \"in\"\n",
+    );
+    let (code, _, err) = id06d(&["check-config", "--config", config.path.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("gate.scbk") && err.contains("32 hex digits"),
+        "{err}"
+    );
+}
