@@ -568,18 +568,20 @@ pub fn run(bus: Bus, signals: Receiver<(usize, Signal)>, stop: CancellationToken
                     report(&r.sink, h, why);
                 }
             }
-            while let Ok((slot, signal)) = signals.try_recv() {
+            // Wait for the next refresh, or for a signal: a decision's feedback goes on the
+            // wire at once, not at the next tick.
+            let mut next = signals.recv_timeout(REFRESH).ok();
+            while let Some((slot, signal)) = next {
                 let pd = slot as i32;
-                if !cp.is_online(pd) {
-                    continue;
-                }
-                for command in commands(&cp, pd, &signal) {
-                    if let Err(e) = cp.send_command(pd, command) {
-                        tracing::warn!(reader = %bus.readers.get(slot).map_or("?", |r| r.name.as_str()), "OSDP command not queued: {e}");
+                if cp.is_online(pd) {
+                    for command in commands(&cp, pd, &signal) {
+                        if let Err(e) = cp.send_command(pd, command) {
+                            tracing::warn!(reader = %bus.readers.get(slot).map_or("?", |r| r.name.as_str()), "OSDP command not queued: {e}");
+                        }
                     }
                 }
+                next = signals.try_recv().ok();
             }
-            std::thread::sleep(REFRESH);
         }
         drop(cp);
         sleep_unless(&stop, backoff);

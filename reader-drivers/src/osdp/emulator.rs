@@ -184,7 +184,7 @@ impl Reader {
                         };
                         let _ = pd.notify_event(event);
                     }
-                    std::thread::sleep(Duration::from_millis(2));
+                    std::thread::sleep(Duration::from_millis(1));
                 }
                 drop(pd);
                 // SAFETY: our descriptor, closed once: unplugs the reader.
