@@ -183,3 +183,81 @@ fn a_bad_osdp_key_file_is_a_configuration_error_naming_it() {
         "{err}"
     );
 }
+
+#[test]
+fn two_osdp_readers_on_one_line_each_tap_and_get_their_own_feedback() {
+    let mut other_key = key();
+    other_key[0] ^= 0xFF;
+    let line = id06_readers::osdp::emulator::Line::start(&[(0, Some(key())), (1, Some(other_key))])
+        .expect("an OSDP line with two readers");
+    let dir = scratch();
+    let broker = broker(dir.path());
+    std::fs::write(dir.path().join("entry.scbk"), KEY).unwrap();
+    let other_hex: String = other_key.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(dir.path().join("exit.scbk"), other_hex).unwrap();
+    let config = TestConfig::write(
+        dir.path(),
+        &broker.url(),
+        &format!(
+            "[[reader]]\nname = \"entry\"\nkind = \"osdp\"\npath = \"{0}\"\naddress = 0\nscbk_file = \"entry.scbk\"\ndirection = \"in\"\n\n[[reader]]\nname = \"exit\"\nkind = \"osdp\"\npath = \"{0}\"\naddress = 1\nscbk_file = \"exit.scbk\"\ndirection = \"out\"\n",
+            line.path().display()
+        ),
+    );
+    import_list(
+        config.path.to_str().unwrap(),
+        "04B10C4ED0000B,blocked\n",
+        &[],
+    );
+    let p = config.base();
+    let sub = Subscriber::start(
+        broker.port,
+        "ledger-osdp-bus",
+        &[&format!("{p}/event"), &format!("{p}/reader/+")],
+    );
+    let mut daemon = Daemon::start(&config);
+    for name in ["entry", "exit"] {
+        wait_for(&format!("{name} online"), Duration::from_secs(30), || {
+            reader_state(&sub, &format!("{p}/reader/{name}")).0 == "ok"
+        });
+    }
+    let (entry, exit) = (line.reader(0), line.reader(1));
+    let (entry_before, exit_before) = (entry.received().len(), exit.received().len());
+    exit.present(&GRANTED);
+    wait_for("the exit's event", Duration::from_secs(20), || {
+        sub.events(&format!("{p}/event")).len() == 1
+    });
+    let events = sub.events(&format!("{p}/event"));
+    assert_eq!(events[0].reader, "exit");
+    assert_eq!(events[0].direction.as_str(), "out");
+    wait_for("the exit's feedback", Duration::from_secs(20), || {
+        feedback(exit, exit_before).len() >= 3
+    });
+    match &feedback(exit, exit_before)[..] {
+        [OsdpCommand::Led(led), OsdpCommand::Buzzer(_), OsdpCommand::Text(t)] => {
+            assert_eq!(led.temporary.on_color, OsdpLedColor::Green);
+            assert_eq!(t.data, b"Hej da");
+        }
+        other => panic!("the exit's feedback: {other:?}"),
+    }
+    entry.present(&BLOCKED);
+    wait_for("the entry's event", Duration::from_secs(20), || {
+        sub.events(&format!("{p}/event")).len() == 2
+    });
+    assert_eq!(sub.events(&format!("{p}/event"))[1].reader, "entry");
+    wait_for("the entry's feedback", Duration::from_secs(20), || {
+        feedback(entry, entry_before).len() >= 3
+    });
+    // Each reader got its own answer only: red at the entry, green at the exit.
+    let colors = |r: &Reader, from: usize| -> Vec<OsdpLedColor> {
+        feedback(r, from)
+            .into_iter()
+            .filter_map(|c| match c {
+                OsdpCommand::Led(l) => Some(l.temporary.on_color),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(colors(entry, entry_before), vec![OsdpLedColor::Red]);
+    assert_eq!(colors(exit, exit_before), vec![OsdpLedColor::Green]);
+    assert_eq!(daemon.terminate(), Some(0));
+}

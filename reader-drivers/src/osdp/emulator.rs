@@ -87,37 +87,136 @@ fn raw_nonblocking(fd: i32) {
     }
 }
 
+/// Opens a pty pair, both ends raw and non-blocking: (master, slave, the slave's path).
+fn pty() -> std::io::Result<(i32, i32, PathBuf)> {
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: out-pointers to two ints; no name, termios or window size.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    raw_nonblocking(master);
+    raw_nonblocking(slave);
+    // SAFETY: `master` is an open pty master.
+    let name = unsafe { libc::ptsname(master) };
+    if name.is_null() {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: ptsname returned a NUL-terminated string.
+    let path = PathBuf::from(
+        unsafe { std::ffi::CStr::from_ptr(name) }
+            .to_string_lossy()
+            .into_owned(),
+    );
+    Ok((master, slave, path))
+}
+
+/// Several readers on one line (RS-485 multi-drop): what the control panel sends reaches
+/// every reader, what any reader answers reaches the control panel. Dropping it unplugs
+/// the line.
+pub struct Line {
+    path: PathBuf,
+    readers: Vec<Reader>,
+    stop: Arc<AtomicBool>,
+    hub: Option<std::thread::JoinHandle<()>>,
+    fds: (i32, i32),
+}
+
+impl Line {
+    /// Readers at the given addresses, with their keys.
+    pub fn start(readers: &[(u8, Option<[u8; 16]>)]) -> std::io::Result<Line> {
+        let readers: Vec<Reader> = readers
+            .iter()
+            .map(|(a, k)| Reader::start(*a, *k))
+            .collect::<std::io::Result<_>>()?;
+        let (master, slave, path) = pty()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let ends: Vec<i32> = readers.iter().map(|r| r.slave).collect();
+        let hub = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut fds: Vec<libc::pollfd> = std::iter::once(master)
+                    .chain(ends.iter().copied())
+                    .map(|fd| libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    })
+                    .collect();
+                let mut buf = [0u8; 512];
+                while !stop.load(Ordering::Acquire) {
+                    // SAFETY: `fds` is a valid array of pollfd.
+                    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 5) };
+                    if n <= 0 {
+                        continue;
+                    }
+                    for i in 0..fds.len() {
+                        if fds[i].revents & libc::POLLIN == 0 {
+                            continue;
+                        }
+                        // SAFETY: valid buffer; open descriptors.
+                        let r =
+                            unsafe { libc::read(fds[i].fd, buf.as_mut_ptr().cast(), buf.len()) };
+                        if r <= 0 {
+                            continue;
+                        }
+                        let to: Vec<i32> = if i == 0 { ends.clone() } else { vec![master] };
+                        for fd in to {
+                            // SAFETY: valid buffer of `r` bytes.
+                            unsafe { libc::write(fd, buf.as_ptr().cast(), r as usize) };
+                        }
+                    }
+                }
+            })
+        };
+        Ok(Line {
+            path,
+            readers,
+            stop,
+            hub: Some(hub),
+            fds: (master, slave),
+        })
+    }
+
+    /// The device the daemon opens.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reader number `i` (in the order given to [`Line::start`]).
+    pub fn reader(&self, i: usize) -> &Reader {
+        &self.readers[i]
+    }
+}
+
+impl Drop for Line {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(h) = self.hub.take() {
+            let _ = h.join();
+        }
+        self.readers.clear();
+        // SAFETY: our descriptors, closed once.
+        unsafe {
+            libc::close(self.fds.0);
+            libc::close(self.fds.1);
+        }
+    }
+}
+
 impl Reader {
     /// A reader at `address`, with `key` as its secure channel base key (none: it accepts
     /// a line in the clear), that can drive a door output, an LED, a buzzer and a display.
     pub fn start(address: u8, key: Option<[u8; 16]>) -> std::io::Result<Reader> {
-        let (mut master, mut slave) = (0, 0);
-        // SAFETY: out-pointers to two ints; no name, termios or window size.
-        let rc = unsafe {
-            libc::openpty(
-                &mut master,
-                &mut slave,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        raw_nonblocking(master);
-        raw_nonblocking(slave);
-        // SAFETY: `slave` is an open pty.
-        let name = unsafe { libc::ptsname(master) };
-        if name.is_null() {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: ptsname returned a NUL-terminated string.
-        let path = PathBuf::from(
-            unsafe { std::ffi::CStr::from_ptr(name) }
-                .to_string_lossy()
-                .into_owned(),
-        );
+        let (master, slave, path) = pty()?;
         let mut info = PdInfoBuilder::new()
             .address(i32::from(address))
             .and_then(|b| b.baud_rate(9600))
