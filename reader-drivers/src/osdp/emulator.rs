@@ -158,13 +158,12 @@ impl Line {
                     if n <= 0 {
                         continue;
                     }
-                    for i in 0..fds.len() {
-                        if fds[i].revents & libc::POLLIN == 0 {
+                    for (i, p) in fds.iter().enumerate() {
+                        if p.revents & libc::POLLIN == 0 {
                             continue;
                         }
                         // SAFETY: valid buffer; open descriptors.
-                        let r =
-                            unsafe { libc::read(fds[i].fd, buf.as_mut_ptr().cast(), buf.len()) };
+                        let r = unsafe { libc::read(p.fd, buf.as_mut_ptr().cast(), buf.len()) };
                         if r <= 0 {
                             continue;
                         }
