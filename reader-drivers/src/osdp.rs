@@ -87,6 +87,12 @@ pub enum Signal {
         /// The display's text.
         text: String,
     },
+    /// The card is being waved or reads keep failing (`hold_steady`): amber blinking
+    /// while `on`, back to the reader's own light when it clears.
+    HoldSteady {
+        /// Whether the hint is set.
+        on: bool,
+    },
 }
 
 /// Sends [`Signal`]s to one reader of a [`Bus`]. Cheap to clone; never blocks.
@@ -353,6 +359,39 @@ fn led(color: OsdpLedColor, tenths: u8) -> OsdpCommand {
     })
 }
 
+/// Amber, 300 ms on and off, for at most 10 s (renewed while the hint holds); or the
+/// temporary state cancelled.
+fn hold_steady_led(on: bool) -> OsdpCommand {
+    let off = OsdpLedParams {
+        control_code: 0,
+        on_count: 0,
+        off_count: 0,
+        on_color: OsdpLedColor::None,
+        off_color: OsdpLedColor::None,
+        timer_count: 0,
+    };
+    OsdpCommand::Led(OsdpCommandLed {
+        reader: 0,
+        led_number: 0,
+        temporary: if on {
+            OsdpLedParams {
+                control_code: 2,
+                on_count: 3,
+                off_count: 3,
+                on_color: OsdpLedColor::Amber,
+                off_color: OsdpLedColor::None,
+                timer_count: 100,
+            }
+        } else {
+            OsdpLedParams {
+                control_code: 1, // cancel: the permanent state at once
+                ..off.clone()
+            }
+        },
+        permanent: off,
+    })
+}
+
 fn buzzer(on_tenths: u8, off_tenths: u8, times: u8) -> OsdpCommand {
     OsdpCommand::Buzzer(OsdpCommandBuzzer {
         reader: 0,
@@ -394,6 +433,12 @@ fn commands(cp: &ControlPanel, pd: i32, signal: &Signal) -> Vec<OsdpCommand> {
     let (color, beeps, words, door) = match signal {
         Signal::Granted { text, door } => (OsdpLedColor::Green, buzzer(1, 0, 1), text, *door),
         Signal::Denied { text } => (OsdpLedColor::Red, buzzer(2, 1, 3), text, None),
+        Signal::HoldSteady { on } => {
+            if has(cp, pd, PdCapability::LedControl(PdCapEntity::default())) {
+                out.push(hold_steady_led(*on));
+            }
+            return out;
+        }
     };
     if has(cp, pd, PdCapability::LedControl(PdCapEntity::default())) {
         out.push(led(color, 20));

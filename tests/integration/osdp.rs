@@ -24,7 +24,7 @@ fn osdp_config(dir: &std::path::Path, url: &str, reader: &Reader, key_text: &str
         dir,
         url,
         &format!(
-            "[[reader]]\nname = \"gate\"\nkind = \"osdp\"\npath = \"{}\"\nscbk_file = \"gate.scbk\"\ndoor_output = 0\nopen_ms = 1500\ndirection = \"in\"\n",
+            "[debounce]\nflap_limit = 2\n\n[[reader]]\nname = \"gate\"\nkind = \"osdp\"\npath = \"{}\"\nscbk_file = \"gate.scbk\"\ndoor_output = 0\nopen_ms = 1500\ndirection = \"in\"\n",
             reader.path().display()
         ),
     )
@@ -127,6 +127,29 @@ fn osdp_card_reads_are_taps_and_the_reader_shows_green_opens_the_door_or_shows_r
         }
         other => panic!("denied feedback: {other:?}"),
     }
+
+    // Reads the gate cannot use, again and again (a 26-bit credential): hold steady, amber
+    // blinking; then a good read clears it.
+    let before = reader.received().len();
+    for _ in 0..6 {
+        reader.present_wiegand(&[0x12, 0x34, 0x56, 0x40], 26);
+    }
+    wait_for("the hold-steady hint", Duration::from_secs(20), || {
+        sub.last_json(&topic)
+            .is_some_and(|v| v["hint"] == "hold_steady")
+    });
+    wait_for("the amber light", Duration::from_secs(20), || {
+        feedback(&reader, before).iter().any(|c| {
+            matches!(c, OsdpCommand::Led(l) if l.temporary.on_color == OsdpLedColor::Amber && l.temporary.control_code == 2)
+        })
+    });
+    let before = reader.received().len();
+    reader.present(&[0x04, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66]);
+    wait_for("the amber light cancelled", Duration::from_secs(20), || {
+        feedback(&reader, before)
+            .iter()
+            .any(|c| matches!(c, OsdpCommand::Led(l) if l.temporary.control_code == 1))
+    });
 
     // Tamper: the reader's state says so.
     reader.report_status(true, false);

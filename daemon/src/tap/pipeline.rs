@@ -230,9 +230,14 @@ impl Pipeline {
                 let t = m.at.saturating_duration_since(self.epoch).as_millis() as u64;
                 let outcome = self.debouncer.observe(t, reader, &observation);
                 if let Some(h) = outcome.hold_steady {
-                    tracing::debug!(reader = %self.reader_name(reader), hold_steady = h, "hint");
+                    let name = self.reader_name(reader);
+                    tracing::debug!(reader = %name, hold_steady = h, "hint");
                     self.shared
                         .update_reader(reader, |s| s.hint = h.then_some(Hint::HoldSteady));
+                    if let Some(f) = self.feedback.iter().find(|f| f.reader == name) {
+                        f.sender
+                            .send(id06_readers::osdp::Signal::HoldSteady { on: h });
+                    }
                 }
                 match outcome.verdict {
                     None => {}

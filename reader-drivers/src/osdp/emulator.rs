@@ -24,6 +24,7 @@ pub struct Received {
 
 enum Ask {
     Card(Vec<u8>),
+    Wiegand(Vec<u8>, usize),
     Status { tamper: bool, power_failure: bool },
 }
 
@@ -264,6 +265,12 @@ impl Reader {
                     while let Ok(ask) = rx.try_recv() {
                         let event = match ask {
                             Ask::Card(uid) => OsdpEvent::CardRead(OsdpEventCardRead::new_raw(uid)),
+                            Ask::Wiegand(data, bits) => {
+                                match OsdpEventCardRead::new_wiegand(bits, data) {
+                                    Ok(read) => OsdpEvent::CardRead(read),
+                                    Err(_) => continue,
+                                }
+                            }
                             Ask::Status {
                                 tamper,
                                 power_failure,
@@ -307,6 +314,11 @@ impl Reader {
     /// Presents a card: one card read with `uid`'s bytes as raw data.
     pub fn present(&self, uid: &[u8]) {
         let _ = self.asks.send(Ask::Card(uid.to_vec()));
+    }
+
+    /// A Wiegand read of `bits` bits (not a UID: a credential the gate cannot use).
+    pub fn present_wiegand(&self, data: &[u8], bits: usize) {
+        let _ = self.asks.send(Ask::Wiegand(data.to_vec(), bits));
     }
 
     /// Reports the reader's tamper switch and power state.
