@@ -385,7 +385,7 @@ fn hold_steady_led(on: bool) -> OsdpCommand {
         } else {
             OsdpLedParams {
                 control_code: 1, // cancel: the permanent state at once
-                ..off.clone()
+                ..off
             }
         },
         permanent: off,
