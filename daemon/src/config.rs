@@ -83,8 +83,11 @@ struct RawReader {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FeedbackMode {
-    /// Whatever the reader can do.
+    /// Whatever the reader can do (PC/SC: the ACR122U's LED and buzzer when the reader's
+    /// name says ACR122).
     Auto,
+    /// PC/SC: the ACR122U's LED and buzzer whatever the reader's name.
+    Acr122,
     /// Nothing (another system drives the reader's light).
     None,
 }
@@ -321,6 +324,8 @@ pub enum DriverSettings {
     Pcsc {
         /// Substring of the PC/SC reader name.
         pattern: String,
+        /// LED and buzzer of an ACR122U-style reader.
+        feedback: FeedbackMode,
     },
     /// PN532 over a serial line.
     Pn532 {
@@ -767,7 +772,11 @@ impl Config {
                 unexpected("address", r.address.is_some())?;
                 unexpected("scbk_file", r.scbk_file.is_some())?;
                 unexpected("reversed", r.reversed.is_some())?;
+            }
+            if !matches!(r.kind, ReaderKind::Osdp | ReaderKind::Pcsc) {
                 unexpected("feedback", r.feedback.is_some())?;
+            }
+            if r.kind != ReaderKind::Osdp {
                 unexpected("door_output", r.door_output.is_some())?;
                 unexpected("open_ms", r.open_ms.is_some())?;
             }
@@ -779,6 +788,7 @@ impl Config {
                     unexpected("poll_ms", r.poll_ms.is_some())?;
                     DriverSettings::Pcsc {
                         pattern: need("match", &r.pattern)?,
+                        feedback: r.feedback.unwrap_or(FeedbackMode::Auto),
                     }
                 }
                 ReaderKind::Pn532 => {
@@ -808,6 +818,11 @@ impl Config {
                         return Err(here(format!(
                             "baud {b}: an OSDP line runs at 9600, 19200, 38400, 57600, 115200 or 230400"
                         )));
+                    }
+                    if r.feedback == Some(FeedbackMode::Acr122) {
+                        return Err(here(
+                            "feedback = \"acr122\" is for PC/SC readers; an OSDP reader takes \"auto\" or \"none\"".into(),
+                        ));
                     }
                     let address = r.address.unwrap_or(0);
                     if address > 126 {
@@ -919,8 +934,9 @@ impl Config {
             let _ = writeln!(s, "name      = {}", q(&r.name));
             let _ = writeln!(s, "kind      = {}", q(kind_name(r.kind)));
             match &r.driver {
-                DriverSettings::Pcsc { pattern } => {
+                DriverSettings::Pcsc { pattern, feedback } => {
                     let _ = writeln!(s, "match     = {}", q(pattern));
+                    let _ = writeln!(s, "feedback  = {}", q(feedback_name(*feedback)));
                 }
                 DriverSettings::Pn532 { path, baud, poll } => {
                     let _ = writeln!(
@@ -951,14 +967,7 @@ impl Config {
                         let _ = writeln!(s, "scbk_file = {}   # secure channel required", p(f));
                     }
                     let _ = writeln!(s, "reversed  = {reversed}");
-                    let _ = writeln!(
-                        s,
-                        "feedback  = {}",
-                        q(match feedback {
-                            FeedbackMode::Auto => "auto",
-                            FeedbackMode::None => "none",
-                        })
-                    );
+                    let _ = writeln!(s, "feedback  = {}", q(feedback_name(*feedback)));
                     if let Some((o, ms)) = door {
                         let _ = writeln!(s, "door_output = {o}\nopen_ms   = {ms}");
                     }
@@ -1044,6 +1053,15 @@ impl Config {
 }
 
 /// The configuration spelling of a kind.
+fn feedback_name(f: FeedbackMode) -> &'static str {
+    match f {
+        FeedbackMode::Auto => "auto",
+        FeedbackMode::Acr122 => "acr122",
+        FeedbackMode::None => "none",
+    }
+}
+
+/// The configuration's spelling of a reader kind.
 pub fn kind_name(kind: ReaderKind) -> &'static str {
     match kind {
         ReaderKind::Pcsc => "pcsc",
@@ -1154,7 +1172,14 @@ direction = "out"
                 "scbk_file = \"/nonexistent/gate.scbk\"\n",
                 "/nonexistent/gate.scbk",
             ),
-            ("feedback = \"loud\"\n", "expected `auto` or `none`"),
+            (
+                "feedback = \"loud\"\n",
+                "expected one of `auto`, `acr122`, `none`",
+            ),
+            (
+                "feedback = \"acr122\"\n",
+                "feedback = \"acr122\" is for PC/SC readers",
+            ),
         ] {
             let e = load(&osdp(extra)).unwrap_err().0;
             assert!(

@@ -279,6 +279,7 @@ pub async fn run(
     let (reader_tx, reader_rx) = mpsc::channel(4096);
     let osdp_lines =
         crate::tap::readers::osdp_lines(&config.readers, &reader_tx).map_err(RunError::Setup)?;
+    let (pcsc_feedback, mut pcsc_drivers) = crate::tap::readers::pcsc_feedback(&config.readers);
     let pipeline = Pipeline {
         site_id: config.site_id.clone(),
         terminal_id: config.terminal_id.clone(),
@@ -300,7 +301,12 @@ pub async fn run(
         shared: shared.clone(),
         decisions: decisions_tx,
         doors: doors_tx,
-        feedback: osdp_lines.feedback.clone(),
+        feedback: osdp_lines
+            .feedback
+            .iter()
+            .cloned()
+            .chain(pcsc_feedback)
+            .collect(),
         epoch: Instant::now(),
         clock_was_synced: Some(crate::ops::clock::clock_synced()),
         data_dir: config.data_dir.clone(),
@@ -352,7 +358,10 @@ pub async fn run(
         .iter()
         .enumerate()
         .filter(|(_, r)| !matches!(r.driver, crate::config::DriverSettings::Osdp { .. }))
-        .map(|(i, r)| spawn_reader(i, r, reader_tx.clone(), readers_stop.clone()))
+        .map(|(i, r)| {
+            let feedback = pcsc_drivers.get_mut(i).and_then(Option::take);
+            spawn_reader(i, r, reader_tx.clone(), readers_stop.clone(), feedback)
+        })
         .collect();
     reader_tasks.extend(osdp_lines.spawn(&readers_stop));
     let running = Running {

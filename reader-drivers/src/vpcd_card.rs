@@ -93,6 +93,7 @@ pub struct VirtualCard {
     stream: TcpStream,
     apdus: Arc<AtomicUsize>,
     controls: Arc<Mutex<Vec<u8>>>,
+    received: Arc<Mutex<Vec<Vec<u8>>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -132,9 +133,11 @@ impl VirtualCard {
         let counter = apdus.clone();
         let controls = Arc::new(Mutex::new(Vec::new()));
         let control_log = controls.clone();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let apdu_log = received.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vpcd-card-{}", slot.port))
-            .spawn(move || serve(reader, behaviour, counter, control_log))
+            .spawn(move || serve(reader, behaviour, counter, control_log, apdu_log))
             .map_err(|e| VpcdError {
                 port: slot.port,
                 message: format!("cannot start the card's thread: {e}"),
@@ -143,8 +146,17 @@ impl VirtualCard {
             stream,
             apdus,
             controls,
+            received,
             thread: Some(thread),
         })
+    }
+
+    /// Every command APDU the card has received so far, in order.
+    pub fn received_apdus(&self) -> Vec<Vec<u8>> {
+        self.received
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// How many command APDUs the card has received so far.
@@ -225,6 +237,7 @@ fn serve(
     behaviour: CardBehaviour,
     apdus: Arc<AtomicUsize>,
     controls: Arc<Mutex<Vec<u8>>>,
+    received: Arc<Mutex<Vec<Vec<u8>>>>,
 ) {
     let mut told_length = false;
     while let Ok(message) = read_message(&mut stream) {
@@ -243,6 +256,10 @@ fn serve(
             [_] | [] => {} // power off / on / reset: no reply
             apdu => {
                 apdus.fetch_add(1, Ordering::SeqCst);
+                received
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(apdu.to_vec());
                 let reply = match answer(apdu, &behaviour, &mut told_length) {
                     Reply::Send(r) => r,
                     Reply::Leave => {
@@ -267,6 +284,10 @@ enum Reply {
 
 fn answer(apdu: &[u8], behaviour: &CardBehaviour, told_length: &mut bool) -> Reply {
     let is_get_data = apdu.len() == 5 && apdu[..4] == [0xFF, 0xCA, 0x00, 0x00];
+    // An ACR122U's LED and buzzer command (the reader answers it, not the card).
+    if apdu.len() == 9 && apdu[..3] == [0xFF, 0x00, 0x40] {
+        return Reply::Send(vec![0x90, 0x00]);
+    }
     if !is_get_data {
         return Reply::Send(vec![0x6D, 0x00]); // instruction not supported
     }

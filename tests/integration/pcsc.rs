@@ -300,3 +300,55 @@ fn pcsc_readers_command_lists_vpcd_and_says_plainly_when_pcscd_is_not_running() 
     assert!(!out.contains(SLOT_0.reader), "{out}");
     pcsc.start_pcscd().expect("pcscd started");
 }
+
+/// The LED and buzzer commands (`FF 00 40 …`) the card's reader was sent.
+fn led_commands(card: &VirtualCard) -> Vec<Vec<u8>> {
+    card.received_apdus()
+        .into_iter()
+        .filter(|a| a.starts_with(&[0xFF, 0x00, 0x40]))
+        .collect()
+}
+
+#[test]
+fn pcsc_acr122_feedback_green_and_one_beep_for_a_granted_tap() {
+    let _pcsc = setup();
+    let gate = Gate::start_with("ledger-pcsc-acr-green", "feedback = \"acr122\"\n");
+    gate.wait_state("ok");
+    let card = insert(CardBehaviour::uid(&UID7));
+    gate.wait_event_of(&UID7);
+    wait_for("the LED and buzzer command", LONG, || {
+        !led_commands(&card).is_empty()
+    });
+    assert_eq!(
+        led_commands(&card),
+        vec![vec![0xFF, 0x00, 0x40, 0xA0, 0x04, 0x05, 0x01, 0x01, 0x01]],
+        "green once with one beep, after the GET DATA that read the card"
+    );
+    card.remove();
+}
+
+#[test]
+fn pcsc_acr122_feedback_red_and_three_beeps_for_a_denied_tap() {
+    let _pcsc = setup();
+    // Only the site's allow list may pass, and it is empty: every tap is denied.
+    let gate = Gate::start_with(
+        "ledger-pcsc-acr-red",
+        "feedback = \"acr122\"\n\n[access]\nmode = \"site_list\"\n",
+    );
+    gate.wait_state("ok");
+    let card = insert(CardBehaviour::uid(&UID4));
+    gate.wait_event_of(&UID4);
+    wait_for("the LED and buzzer command", LONG, || {
+        !led_commands(&card).is_empty()
+    });
+    assert_eq!(
+        led_commands(&card),
+        vec![vec![0xFF, 0x00, 0x40, 0x50, 0x04, 0x02, 0x02, 0x03, 0x01]],
+        "red three times with three beeps"
+    );
+    assert_eq!(
+        gate.events()[0].reason.map(|r| r.as_str()),
+        Some("not_on_site_list")
+    );
+    card.remove();
+}

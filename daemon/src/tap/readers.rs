@@ -122,6 +122,38 @@ impl OsdpLines {
     }
 }
 
+/// The PC/SC readers that take feedback: their senders, and per reader index what its
+/// driver needs.
+pub fn pcsc_feedback(
+    readers: &[ReaderSettings],
+) -> (
+    Vec<ReaderFeedback>,
+    Vec<Option<id06_readers::pcsc::PcscFeedback>>,
+) {
+    let mut senders = Vec::new();
+    let drivers = readers
+        .iter()
+        .map(|r| match &r.driver {
+            DriverSettings::Pcsc { feedback, .. } if *feedback != FeedbackMode::None => {
+                let (mut tx, rx) = osdp::signals(1);
+                if let Some(sender) = tx.pop() {
+                    senders.push(ReaderFeedback {
+                        reader: r.name.clone(),
+                        sender,
+                        door: None,
+                    });
+                }
+                Some(id06_readers::pcsc::PcscFeedback {
+                    signals: std::sync::Arc::new(std::sync::Mutex::new(rx)),
+                    force: *feedback == FeedbackMode::Acr122,
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    (senders, drivers)
+}
+
 /// Starts reader number `index`. The task ends when the driver finishes, the channel
 /// closes or `shutdown` is cancelled.
 pub fn spawn_reader(
@@ -129,6 +161,7 @@ pub fn spawn_reader(
     reader: &ReaderSettings,
     tx: mpsc::Sender<ReaderMessage>,
     shutdown: CancellationToken,
+    feedback: Option<id06_readers::pcsc::PcscFeedback>,
 ) -> JoinHandle<()> {
     let sink = ReaderSink::new(index, tx);
     let name = reader.name.clone();
@@ -138,9 +171,10 @@ pub fn spawn_reader(
             DriverSettings::Simulated { script, poll, .. } => {
                 simulated::run(&name, script, poll, sink, shutdown).await
             }
-            DriverSettings::Pcsc { pattern } => {
+            DriverSettings::Pcsc { pattern, .. } => {
                 let options = id06_readers::pcsc::PcscOptions::new(pattern);
-                id06_readers::pcsc::run(&name, options, sink, shutdown).await
+                id06_readers::pcsc::run_with_feedback(&name, options, sink, shutdown, feedback)
+                    .await
             }
             DriverSettings::Pn532 { path, baud, poll } => {
                 let options = id06_readers::pn532::Pn532Options::new(path, baud, poll);

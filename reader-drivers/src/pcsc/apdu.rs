@@ -42,8 +42,48 @@ pub fn interpret(response: &[u8]) -> GetData {
     }
 }
 
+/// The ACR122U's LED and buzzer pseudo-APDU for a signal: `FF 00 40 P2 04 T1 T2 N L`, where
+/// P2's bits are (0) final red, (1) final green, (2) red mask, (3) green mask, (4) initial
+/// red blinking state, (5) initial green blinking state, (6) red blinking, (7) green
+/// blinking; T1 and T2 in 100 ms; N repetitions; L = 1: the buzzer sounds during T1.
+pub fn acr122_led_buzzer(signal: &crate::osdp::Signal) -> Option<Vec<u8>> {
+    use crate::osdp::Signal;
+    let (p2, t1, t2, times, buzz) = match signal {
+        // Green once for 500 ms with one beep.
+        Signal::Granted { .. } => (0xA0, 5, 1, 1, 1),
+        // Red three times with three beeps.
+        Signal::Denied { .. } => (0x50, 2, 2, 3, 1),
+        // Red and green (amber) blinking, quietly.
+        Signal::HoldSteady { on: true } => (0xF0, 3, 3, 5, 0),
+        Signal::HoldSteady { on: false } => return None,
+    };
+    Some(vec![0xFF, 0x00, 0x40, p2, 0x04, t1, t2, times, buzz])
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn acr122_led_and_buzzer_per_signal() {
+        use crate::osdp::Signal;
+        let granted = Signal::Granted {
+            text: String::new(),
+            door: None,
+        };
+        assert_eq!(
+            super::acr122_led_buzzer(&granted).unwrap(),
+            [0xFF, 0x00, 0x40, 0xA0, 0x04, 0x05, 0x01, 0x01, 0x01]
+        );
+        let denied = Signal::Denied {
+            text: String::new(),
+        };
+        assert_eq!(super::acr122_led_buzzer(&denied).unwrap()[3], 0x50);
+        assert_eq!(
+            super::acr122_led_buzzer(&Signal::HoldSteady { on: true }).unwrap()[3],
+            0xF0
+        );
+        assert!(super::acr122_led_buzzer(&Signal::HoldSteady { on: false }).is_none());
+    }
+
     use super::*;
 
     fn uid(s: &str) -> CardUid {

@@ -277,11 +277,34 @@ pub async fn run(
     sink: ReaderSink,
     shutdown: CancellationToken,
 ) -> Result<(), SinkClosed> {
+    run_with_feedback(name, options, sink, shutdown, None).await
+}
+
+/// Feedback at a PC/SC reader of the ACR122U family: its LED and buzzer pseudo-APDU
+/// (`FF 00 40 …`) sent over the card's connection once a tap is recorded.
+#[derive(Debug, Clone)]
+pub struct PcscFeedback {
+    /// The signals for this reader.
+    pub signals: Arc<Mutex<std::sync::mpsc::Receiver<(usize, crate::osdp::Signal)>>>,
+    /// Send them whatever the reader's name (`feedback = "acr122"`); otherwise only to a
+    /// reader whose PC/SC name contains "ACR122".
+    pub force: bool,
+}
+
+/// [`run`], with feedback at the reader.
+pub async fn run_with_feedback(
+    name: &str,
+    options: PcscOptions,
+    sink: ReaderSink,
+    shutdown: CancellationToken,
+    feedback: Option<PcscFeedback>,
+) -> Result<(), SinkClosed> {
     let shared = Arc::new(Shared::new());
     let mut restart_pause = Duration::from_secs(1);
     loop {
         let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
-        let worker = worker::Worker::new(options.clone(), sink.clone(), shared.clone());
+        let worker = worker::Worker::new(options.clone(), sink.clone(), shared.clone())
+            .with_feedback(feedback.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("pcsc-{name}"))
             .spawn(move || {

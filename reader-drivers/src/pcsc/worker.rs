@@ -54,6 +54,8 @@ pub(super) struct Worker {
     ever_ok: bool,
     /// Since when the driver is recovering from a lost service.
     recovering_since: Option<Instant>,
+    /// LED and buzzer of an ACR122U-style reader.
+    feedback: Option<super::PcscFeedback>,
 }
 
 impl Worker {
@@ -65,6 +67,40 @@ impl Worker {
             device: None,
             ever_ok: false,
             recovering_since: None,
+            feedback: None,
+        }
+    }
+
+    pub(super) fn with_feedback(mut self, feedback: Option<super::PcscFeedback>) -> Worker {
+        self.feedback = feedback;
+        self
+    }
+
+    /// Sends the signals waiting for this reader as ACR122U pseudo-APDUs over the card's
+    /// connection (dropped when no card is connected: the worker has left the gate).
+    fn give_feedback(&self, reader: &CStr, card: Option<&Card>) {
+        let Some(f) = &self.feedback else { return };
+        let signals: Vec<crate::osdp::Signal> = {
+            let rx = f.signals.lock().unwrap_or_else(|e| e.into_inner());
+            std::iter::from_fn(|| rx.try_recv().ok().map(|(_, s)| s)).collect()
+        };
+        if signals.is_empty() {
+            return;
+        }
+        let acr122 = f.force || reader.to_string_lossy().contains("ACR122");
+        let Some(card) = card.filter(|_| acr122) else {
+            return;
+        };
+        for signal in signals {
+            let Some(apdu) = apdu::acr122_led_buzzer(&signal) else {
+                continue;
+            };
+            let mut buffer = [0u8; 8];
+            if let Err(e) = guarded("the reader's LED and buzzer", || {
+                card.transmit(&apdu, &mut buffer).map(|r| r.to_vec())
+            }) {
+                tracing::debug!(error = %e, "LED and buzzer command failed");
+            }
         }
     }
 
@@ -224,6 +260,7 @@ impl Worker {
             if self.shared.stopping() {
                 continue;
             }
+            self.give_feedback(reader, card.as_ref());
             let state = watched[0].event_state();
             let count = watched[0].event_count();
             watched[0].sync_current_state();
