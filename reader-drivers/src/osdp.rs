@@ -540,7 +540,7 @@ pub fn run(bus: Bus, signals: Receiver<(usize, Signal)>, stop: CancellationToken
             0
         });
         let opened = Instant::now();
-        let mut bytes_seen = (0u64, Instant::now());
+        let mut ever_online = false;
         loop {
             if stop.is_cancelled() {
                 return;
@@ -565,13 +565,13 @@ pub fn run(bus: Bus, signals: Receiver<(usize, Signal)>, stop: CancellationToken
                 break;
             }
             backoff = Duration::from_millis(250);
-            // Answers on the line in the last few seconds (a PD that answers but does not
-            // come online refuses the key).
-            let now_in = bytes_in.load(Ordering::Relaxed);
-            if now_in != bytes_seen.0 {
-                bytes_seen = (now_in, Instant::now());
-            }
-            let line_answers = bytes_seen.1.elapsed() < GRACE && now_in > 0;
+            // Something answered on this line since it was opened, and no reader on it has
+            // come online: a reader that answers but does not come online refuses the key.
+            // (libosdp then waits five minutes before it tries again, so "answered" must
+            // not mean "answered lately".)
+            // Once a reader was online, a silence is a reader gone, not a key refused.
+            ever_online |= (0..bus.readers.len()).any(|i| cp.is_online(i as i32));
+            let line_answers = bytes_in.load(Ordering::Relaxed) > 0 && !ever_online;
             for (i, (r, h)) in bus.readers.iter().zip(health.iter_mut()).enumerate() {
                 let pd = i as i32;
                 if cp.is_online(pd) {
