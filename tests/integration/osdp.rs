@@ -284,3 +284,36 @@ fn two_osdp_readers_on_one_line_each_tap_and_get_their_own_feedback() {
     assert_eq!(colors(exit, exit_before), vec![OsdpLedColor::Green]);
     assert_eq!(daemon.terminate(), Some(0));
 }
+
+#[test]
+fn with_the_broker_away_the_osdp_reader_still_shows_green_and_opens_the_door() {
+    let reader = Reader::start(0, Some(key())).expect("an OSDP reader on a pty");
+    let dir = scratch();
+    // Nothing listens on port 1: the gateway never reaches a broker.
+    let config = osdp_config(dir.path(), "mqtt://127.0.0.1:1", &reader, KEY);
+    let mut daemon = Daemon::start(&config);
+    // The card is held to the reader until the gate answers (reads before the line is up
+    // are not taps; later ones belong to the same presentation).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while feedback(&reader, 0).len() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no feedback with the broker away: {:?}",
+            feedback(&reader, 0)
+        );
+        reader.present(&GRANTED);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    match &feedback(&reader, 0)[..] {
+        [OsdpCommand::Led(led), OsdpCommand::Buzzer(_), OsdpCommand::Output(o), OsdpCommand::Text(_), ..] =>
+        {
+            assert_eq!(led.temporary.on_color, OsdpLedColor::Green);
+            assert_eq!(o.output_no, 0);
+        }
+        other => panic!("feedback with the broker away: {other:?}"),
+    }
+    // Recorded, waiting for the broker.
+    assert_eq!(daemon.terminate(), Some(0));
+    let (depth, last_seq) = outbox_stats(&config);
+    assert_eq!((depth, last_seq), (1, 1));
+}
