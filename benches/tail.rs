@@ -109,19 +109,29 @@ fn uid_in_line(payload: &[u8]) -> Option<String> {
     Some(String::from_utf8_lossy(payload).trim().to_string())
 }
 
+/// One round's cards: `rate` per second for `secs`, numbered from `first_card`.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    rate: u64,
+    secs: u64,
+    first_card: u64,
+}
+
 /// Writes one card every `1/rate` s to `peer` for `secs`, then waits for the stragglers;
 /// the latency of each card whose message arrived, in the order written.
-#[allow(clippy::too_many_arguments)]
 fn drive(
     rt: &tokio::runtime::Runtime,
     peer: &mut PtyPeer,
     port: u16,
     topic: &str,
     uid_of: fn(&[u8]) -> Option<String>,
-    rate: u64,
-    secs: u64,
-    first_card: u64,
+    pace: Pace,
 ) -> (Vec<Duration>, usize) {
+    let Pace {
+        rate,
+        secs,
+        first_card,
+    } = pace;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let (ready_tx, ready) = tokio::sync::oneshot::channel();
     let sub = rt.spawn(subscriber(port, topic.to_string(), uid_of, tx, ready_tx));
@@ -283,9 +293,7 @@ fn baseline_round(
     rt: &tokio::runtime::Runtime,
     port: u16,
     dir: &Path,
-    rate: u64,
-    secs: u64,
-    first_card: u64,
+    pace: Pace,
 ) -> (Vec<Duration>, usize) {
     let _enter = rt.enter();
     let mut peer = PtyPeer::open().expect("a pty");
@@ -301,9 +309,7 @@ fn baseline_round(
         port,
         &format!("{TOPIC_PREFIX}/baseline"),
         uid_in_line,
-        rate,
-        secs,
-        first_card,
+        pace,
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     drop(peer); // ends the bridge's read
@@ -312,16 +318,13 @@ fn baseline_round(
 }
 
 /// One round of a daemon binary, on its data directory in `dir` (kept between rounds).
-#[allow(clippy::too_many_arguments)]
 fn daemon_round(
     rt: &tokio::runtime::Runtime,
     binary: &Path,
     port: u16,
     dir: &Path,
     terminal: &str,
-    rate: u64,
-    secs: u64,
-    first_card: u64,
+    pace: Pace,
 ) -> (Vec<Duration>, usize) {
     let _enter = rt.enter();
     let mut peer = PtyPeer::open().expect("a pty");
@@ -358,9 +361,7 @@ fn daemon_round(
         port,
         &format!("{TOPIC_PREFIX}/SE-BENCH/{terminal}/event"),
         uid_in_event,
-        rate,
-        secs,
-        first_card,
+        pace,
     );
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
@@ -420,8 +421,13 @@ fn main() {
     for round in 0..rounds {
         eprintln!("round {} of {rounds}", round + 1);
         for (i, (name, latencies, missing)) in runs.iter_mut().enumerate() {
+            let pace = Pace {
+                rate,
+                secs: per_round,
+                first_card: next_card,
+            };
             let (l, m) = if name.starts_with("baseline") {
-                baseline_round(&rt, broker.port, work.path(), rate, per_round, next_card)
+                baseline_round(&rt, broker.port, work.path(), pace)
             } else {
                 let (bin, terminal) = if name.starts_with("id06d") {
                     (binary.clone(), "gate-bench")
@@ -434,9 +440,7 @@ fn main() {
                     broker.port,
                     &work.path().join(format!("gateway{i}")),
                     terminal,
-                    rate,
-                    per_round,
-                    next_card,
+                    pace,
                 )
             };
             next_card += rate * per_round;

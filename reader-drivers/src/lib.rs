@@ -8,6 +8,9 @@
 //!
 //! Binary protocols are implemented as sans-I/O codecs (bytes in, frames out) so that they
 //! can be tested and fuzzed without a device; the drivers are thin loops around them.
+//! OSDP is the exception: its protocol (and secure channel) is libosdp's, and `osdp` is the
+//! loop around it. The other way, [`feedback`] carries what the gate tells the worker
+//! (light, sound, display, door) to the drivers that can show it.
 //!
 //! ```
 //! use id06_readers::simulated::Script;
@@ -17,6 +20,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod feedback;
 pub mod line;
 pub mod osdp;
 pub mod pcsc;

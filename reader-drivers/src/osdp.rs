@@ -23,6 +23,7 @@
 //! has one, and a timed output (the door) — each sent only when the reader declared the
 //! capability (a command a PD refuses makes libosdp drop the PD for five minutes).
 
+use crate::feedback::Signal;
 use crate::{Observation, ReaderSink, Report};
 use id06_protocol::{CardUid, ReaderState};
 /// The OSDP library, for callers that look at commands (the emulator's users).
@@ -34,7 +35,7 @@ use libosdp::{
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -69,61 +70,6 @@ pub struct Bus {
     pub baud: u32,
     /// The readers, each at its own address.
     pub readers: Vec<BusReader>,
-}
-
-/// What the gate tells the worker at a reader.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Signal {
-    /// Recorded and may pass: green, one short beep, the text, and the output (the door)
-    /// for `open_ms` when one is configured.
-    Granted {
-        /// The display's text.
-        text: String,
-        /// The output to pulse, and for how long.
-        door: Option<(u8, u32)>,
-    },
-    /// Recorded and may not pass: red, three beeps, the text (the reason).
-    Denied {
-        /// The display's text.
-        text: String,
-    },
-    /// The card is being waved or reads keep failing (`hold_steady`): amber blinking
-    /// while `on`, back to the reader's own light when it clears.
-    HoldSteady {
-        /// Whether the hint is set.
-        on: bool,
-    },
-}
-
-/// Sends [`Signal`]s to one reader of a [`Bus`]. Cheap to clone; never blocks.
-#[derive(Debug, Clone)]
-pub struct SignalSender {
-    tx: SyncSender<(usize, Signal)>,
-    slot: usize,
-}
-
-impl SignalSender {
-    /// Queues `signal` for the reader; false when the line's queue is full or its thread
-    /// has stopped (the signal is dropped: feedback never holds a tap up).
-    pub fn send(&self, signal: Signal) -> bool {
-        match self.tx.try_send((self.slot, signal)) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
-        }
-    }
-}
-
-/// A line's signal queue: one [`SignalSender`] per reader, and the receiving end for
-/// [`run`].
-pub fn signals(readers: usize) -> (Vec<SignalSender>, Receiver<(usize, Signal)>) {
-    let (tx, rx) = std::sync::mpsc::sync_channel(64);
-    let senders = (0..readers)
-        .map(|slot| SignalSender {
-            tx: tx.clone(),
-            slot,
-        })
-        .collect();
-    (senders, rx)
 }
 
 /// Reads a secure channel base key: 32 hex digits (spaces and a trailing newline
@@ -171,6 +117,15 @@ struct Line {
 }
 
 impl Line {
+    /// One read or write on the open descriptor: the bytes moved, or what went wrong.
+    fn on_fd(&self, call: impl FnOnce(i32) -> isize) -> Result<usize, ChannelError> {
+        let fd = self.fd.load(Ordering::Acquire);
+        if fd < 0 {
+            return Err(ChannelError::TransportError);
+        }
+        usize::try_from(call(fd)).map_err(|_| self.fail())
+    }
+
     fn fail(&self) -> ChannelError {
         let e = std::io::Error::last_os_error();
         if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted
@@ -189,30 +144,15 @@ impl Channel for Line {
     }
 
     fn read(&mut self, buf: &mut [u8]) -> Result<usize, ChannelError> {
-        let fd = self.fd.load(Ordering::Acquire);
-        if fd < 0 {
-            return Err(ChannelError::TransportError);
-        }
         // SAFETY: `buf` is valid for `buf.len()` bytes; `fd` is ours until closed.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            return Err(self.fail());
-        }
+        let n = self.on_fd(|fd| unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) })?;
         self.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n as usize)
+        Ok(n)
     }
 
     fn write(&mut self, buf: &[u8]) -> Result<usize, ChannelError> {
-        let fd = self.fd.load(Ordering::Acquire);
-        if fd < 0 {
-            return Err(ChannelError::TransportError);
-        }
-        // SAFETY: `buf` is valid for `buf.len()` bytes.
-        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-        if n < 0 {
-            return Err(self.fail());
-        }
-        Ok(n as usize)
+        // SAFETY: `buf` is valid for `buf.len()` bytes; `fd` is ours until closed.
+        self.on_fd(|fd| unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) })
     }
 
     // libosdp calls this before each send to drop stale input; stale bytes fail their
@@ -334,6 +274,16 @@ fn has(cp: &ControlPanel, pd: i32, cap: PdCapability) -> bool {
     cp.get_capability(pd, cap).is_ok_and(|c| c != none)
 }
 
+/// An LED state left as it is (control code 0: no operation).
+const UNCHANGED: OsdpLedParams = OsdpLedParams {
+    control_code: 0,
+    on_count: 0,
+    off_count: 0,
+    on_color: OsdpLedColor::None,
+    off_color: OsdpLedColor::None,
+    timer_count: 0,
+};
+
 fn led(color: OsdpLedColor, tenths: u8) -> OsdpCommand {
     OsdpCommand::Led(OsdpCommandLed {
         reader: 0,
@@ -347,29 +297,13 @@ fn led(color: OsdpLedColor, tenths: u8) -> OsdpCommand {
             off_color: OsdpLedColor::None,
             timer_count: u16::from(tenths),
         },
-        // The permanent state is left as it is.
-        permanent: OsdpLedParams {
-            control_code: 0,
-            on_count: 0,
-            off_count: 0,
-            on_color: OsdpLedColor::None,
-            off_color: OsdpLedColor::None,
-            timer_count: 0,
-        },
+        permanent: UNCHANGED,
     })
 }
 
 /// Amber, 300 ms on and off, for at most 10 s (renewed while the hint holds); or the
 /// temporary state cancelled.
 fn hold_steady_led(on: bool) -> OsdpCommand {
-    let off = OsdpLedParams {
-        control_code: 0,
-        on_count: 0,
-        off_count: 0,
-        on_color: OsdpLedColor::None,
-        off_color: OsdpLedColor::None,
-        timer_count: 0,
-    };
     OsdpCommand::Led(OsdpCommandLed {
         reader: 0,
         led_number: 0,
@@ -385,10 +319,10 @@ fn hold_steady_led(on: bool) -> OsdpCommand {
         } else {
             OsdpLedParams {
                 control_code: 1, // cancel: the permanent state at once
-                ..off
+                ..UNCHANGED
             }
         },
-        permanent: off,
+        permanent: UNCHANGED,
     })
 }
 

@@ -95,17 +95,7 @@ fn metrics_count_taps_decisions_and_delivery() {
 fn the_debian_package_holds_the_binary_unit_config_and_user_setup() {
     let dir = scratch();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = Command::new(root.join("packaging/build-deb.sh"))
-        .args(["--binary", ID06D, "--out"])
-        .arg(dir.path())
-        .output()
-        .expect("run build-deb.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let deb = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let deb = build_deb(dir.path(), None).display().to_string();
     let contents = Command::new("dpkg-deb")
         .args(["--contents", &deb])
         .output()

@@ -169,22 +169,6 @@ impl Throwaway {
     }
 }
 
-/// Builds the package for the binary under test, as `version`, into `dir`.
-fn build(dir: &Path, version: &str) -> PathBuf {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = Command::new(repo.join("packaging/build-deb.sh"))
-        .args(["--binary", ID06D, "--version", version, "--out"])
-        .arg(dir)
-        .output()
-        .expect("run build-deb.sh");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
 /// Puts `deb` where the root can see it; its path inside.
 fn hand_in(root: &Throwaway, deb: &Path) -> String {
     let inside = format!("/tmp/{}", deb.file_name().unwrap().to_str().unwrap());
@@ -236,8 +220,8 @@ fn run_daemon_until(root: &Throwaway, what: &str, mut done: impl FnMut() -> bool
 #[test]
 fn install_upgrade_remove_and_purge_keep_the_service_and_the_recorded_taps_right() {
     let debs = scratch();
-    let first = build(debs.path(), "0.2.0");
-    let second = build(debs.path(), "0.2.0+upgrade1");
+    let first = build_deb(debs.path(), Some("0.2.0"));
+    let second = build_deb(debs.path(), Some("0.2.0+upgrade1"));
     let root = Throwaway::new();
     // Install: the user, the unit enabled, not started (the shipped configuration has no
     // site_id yet), and a message that says how to finish.
@@ -329,7 +313,7 @@ fn install_upgrade_remove_and_purge_keep_the_service_and_the_recorded_taps_right
 #[test]
 fn purging_a_gateway_that_delivered_everything_removes_its_data_and_a_valid_install_starts() {
     let debs = scratch();
-    let deb = build(debs.path(), "0.2.0");
+    let deb = build_deb(debs.path(), Some("0.2.0"));
     let root = Throwaway::new();
     // A configuration completed before the package is installed (an image built ahead):
     // the service starts at once.

@@ -101,8 +101,8 @@ pub struct Pipeline {
 }
 
 /// What the reader shows for a recorded tap.
-fn signal_for(e: &Event, door: Option<(u8, u32)>) -> id06_readers::osdp::Signal {
-    use id06_readers::osdp::Signal;
+fn signal_for(e: &Event, door: Option<(u8, u32)>) -> id06_readers::feedback::Signal {
+    use id06_readers::feedback::Signal;
     match e.reason {
         None => Signal::Granted {
             text: match e.direction {
@@ -236,7 +236,7 @@ impl Pipeline {
                         .update_reader(reader, |s| s.hint = h.then_some(Hint::HoldSteady));
                     if let Some(f) = self.feedback.iter().find(|f| f.reader == name) {
                         f.sender
-                            .send(id06_readers::osdp::Signal::HoldSteady { on: h });
+                            .send(id06_readers::feedback::Signal::HoldSteady { on: h });
                     }
                 }
                 match outcome.verdict {

@@ -3,7 +3,8 @@
 //! that share a `path`), all reporting into one bounded channel.
 
 use crate::config::{DriverSettings, FeedbackMode, ReaderSettings};
-use id06_readers::osdp::{self, Bus, BusReader, Signal, SignalSender};
+use id06_readers::feedback::{self, Signal, SignalSender};
+use id06_readers::osdp::{self, Bus, BusReader};
 use id06_readers::{simulated, CancellationToken, ReaderMessage, ReaderSink};
 use std::sync::mpsc::Receiver;
 use tokio::sync::mpsc;
@@ -94,7 +95,7 @@ pub fn osdp_lines(
     let mut lines = Vec::new();
     let mut feedback = Vec::new();
     for (bus, modes) in grouped {
-        let (senders, rx) = osdp::signals(bus.readers.len());
+        let (senders, rx) = feedback::signals(bus.readers.len());
         for ((r, sender), (mode, door)) in bus.readers.iter().zip(senders).zip(modes) {
             if mode == FeedbackMode::Auto || door.is_some() {
                 feedback.push(ReaderFeedback {
@@ -135,7 +136,7 @@ pub fn pcsc_feedback(
         .iter()
         .map(|r| match &r.driver {
             DriverSettings::Pcsc { feedback, .. } if *feedback != FeedbackMode::None => {
-                let (mut tx, rx) = osdp::signals(1);
+                let (mut tx, rx) = feedback::signals(1);
                 if let Some(sender) = tx.pop() {
                     senders.push(ReaderFeedback {
                         reader: r.name.clone(),

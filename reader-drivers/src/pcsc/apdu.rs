@@ -46,8 +46,8 @@ pub fn interpret(response: &[u8]) -> GetData {
 /// P2's bits are (0) final red, (1) final green, (2) red mask, (3) green mask, (4) initial
 /// red blinking state, (5) initial green blinking state, (6) red blinking, (7) green
 /// blinking; T1 and T2 in 100 ms; N repetitions; L = 1: the buzzer sounds during T1.
-pub fn acr122_led_buzzer(signal: &crate::osdp::Signal) -> Option<Vec<u8>> {
-    use crate::osdp::Signal;
+pub fn acr122_led_buzzer(signal: &crate::feedback::Signal) -> Option<Vec<u8>> {
+    use crate::feedback::Signal;
     let (p2, t1, t2, times, buzz) = match signal {
         // Green once for 500 ms with one beep.
         Signal::Granted { .. } => (0xA0, 5, 1, 1, 1),
@@ -64,7 +64,7 @@ pub fn acr122_led_buzzer(signal: &crate::osdp::Signal) -> Option<Vec<u8>> {
 mod tests {
     #[test]
     fn acr122_led_and_buzzer_per_signal() {
-        use crate::osdp::Signal;
+        use crate::feedback::Signal;
         let granted = Signal::Granted {
             text: String::new(),
             door: None,

@@ -80,7 +80,7 @@ impl Worker {
     /// connection (dropped when no card is connected: the worker has left the gate).
     fn give_feedback(&self, reader: &CStr, card: Option<&Card>) {
         let Some(f) = &self.feedback else { return };
-        let signals: Vec<crate::osdp::Signal> = {
+        let signals: Vec<crate::feedback::Signal> = {
             let rx = f.signals.lock().unwrap_or_else(|e| e.into_inner());
             std::iter::from_fn(|| rx.try_recv().ok().map(|(_, s)| s)).collect()
         };

@@ -593,3 +593,25 @@ pub fn assert_all_delivered(sub: &Subscriber, p: &str, last: u64) -> usize {
     );
     redeliveries
 }
+
+/// Builds the Debian package of the binary under test into `dir` with
+/// `packaging/build-deb.sh` (as `version`, or Cargo.toml's); the .deb's path.
+pub fn build_deb(dir: &Path, version: Option<&str>) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut build = Command::new(repo.join("packaging/build-deb.sh"));
+    build.args(["--binary", ID06D]);
+    if let Some(v) = version {
+        build.args(["--version", v]);
+    }
+    let out = build
+        .arg("--out")
+        .arg(dir)
+        .output()
+        .expect("run build-deb.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
