@@ -11,8 +11,16 @@
 //! [`COMPACT_AFTER`]) the list is written whole as a new generation. A full write goes to
 //! a new generation and then flips the pointer in one batch, so a crash mid-import leaves
 //! the old list in force; leftover generations are dropped at open.
+//!
+//! Start-up: rebuilding the index of 5 million cards from the blobs takes millions of
+//! random writes, so every whole write also saves the new base's index to
+//! `{data_dir}/blocklist.index` ([`IndexFile`]) and records that file's CRC in the same
+//! batch that flips the generation. At open, a file with the recorded CRC is read back
+//! (a sequential read) and the generation's per-card changes are applied on top; any
+//! other file (missing, torn, another generation's) is ignored, the index is rebuilt from
+//! sled, and the file is written again. sled stays the source of truth.
 
-use crate::lists::index::CompactIndex;
+use crate::lists::index::{CompactIndex, IndexFile};
 use crate::storage::store::{decode_i64, decode_u64, StoreError};
 use arc_swap::ArcSwap;
 use id06_protocol::{BlocklistUpdate, CardStatus, CardUid, SnapshotChunk, UtcMillis};
@@ -30,6 +38,35 @@ const BLOB_CARDS: usize = 50_000;
 pub const COMPACT_AFTER: usize = 200_000;
 const VERSION: &[u8] = b"version";
 const CONFIRMED_AT: &[u8] = b"confirmed_at";
+/// The CRC of the index file saved for the current generation's base.
+const INDEX_CRC: &[u8] = b"index_crc";
+/// Cards in the current generation's base (sizes the index when it is rebuilt).
+const BASE_CARDS: &[u8] = b"base_cards";
+/// The saved index, in the data directory.
+pub const INDEX_FILE: &str = "blocklist.index";
+
+/// Where the cards of a whole write come from, chunk by chunk; an `Err` stops the write
+/// before anything changes (the message says why).
+pub type ChunkSource<'a> = &'a mut dyn Iterator<Item = Result<Vec<(CardUid, CardStatus)>, String>>;
+
+/// Why a whole list was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum WholeError {
+    /// The cards offered were refused (by the chunk source).
+    #[error("{0}")]
+    Refused(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The index of a whole write: built from the cards as they are written, or one already
+/// built (a compaction writes out the index in force).
+#[derive(Clone, Copy)]
+enum IndexOf<'a> {
+    Build { cards_hint: usize },
+    Given(&'a CompactIndex),
+}
 
 /// An immutable picture of the list, for lookups.
 #[derive(Debug, Default, Clone)]
@@ -189,6 +226,8 @@ pub struct Blocklist {
     writer: Arc<std::sync::Mutex<usize>>,
     /// Changes kept beside the base before a rewrite ([`COMPACT_AFTER`]).
     compact_after: usize,
+    /// Whether the index at open was read from the saved file (`false`: rebuilt).
+    read_saved_index: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A bad line in an imported CSV file.
@@ -291,7 +330,9 @@ impl Blocklist {
             current: Arc::new(ArcSwap::from_pointee(BlocklistIndex::default())),
             writer: Arc::new(std::sync::Mutex::new(0)),
             compact_after: COMPACT_AFTER,
+            read_saved_index: Arc::default(),
         };
+        let _ = std::fs::remove_file(bl.index_path().with_extension("tmp"));
         let (index, deltas) = bl.build_index()?;
         bl.current.store(Arc::new(index));
         *bl.writer.lock().unwrap_or_else(|p| p.into_inner()) = deltas;
@@ -311,17 +352,53 @@ impl Blocklist {
             .unwrap_or(0))
     }
 
-    /// The index from the base blobs and the changes; also says how many changes there are.
-    fn build_index(&self) -> Result<(BlocklistIndex, usize), StoreError> {
-        let tree = self
-            .db
-            .open_tree(tree_name(self.generation()?))
-            .map_err(|e| self.err(e))?;
-        let mut entries = Vec::new();
+    /// Whether the index was read from the saved file at open (rather than rebuilt).
+    pub fn opened_from_saved_index(&self) -> bool {
+        self.read_saved_index
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn index_path(&self) -> std::path::PathBuf {
+        self.dir.join(INDEX_FILE)
+    }
+
+    fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .meta
+            .get(key)
+            .map_err(|e| self.err(e))?
+            .and_then(|v| decode_u64(&v)))
+    }
+
+    /// The base's index: read from the saved file when it is the one recorded for this
+    /// generation, rebuilt from the blobs (and saved again) otherwise.
+    fn base_index(&self, tree: &sled::Tree) -> Result<CompactIndex, StoreError> {
+        let started = std::time::Instant::now();
+        let path = self.index_path();
+        let recorded = self.meta_u64(INDEX_CRC)?;
+        let why = match recorded {
+            Some(crc) => match IndexFile::read(&path, crc as u32) {
+                Ok(index) => {
+                    self.read_saved_index
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(
+                        cards = index.len(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "blocklist index read from {}",
+                        path.display()
+                    );
+                    return Ok(index);
+                }
+                Err(why) => why,
+            },
+            None => "none was saved for this list".to_string(),
+        };
+        let hint = self.meta_u64(BASE_CARDS)?.unwrap_or(0) as usize;
+        let mut index = CompactIndex::with_capacity_for(hint);
         for item in tree.scan_prefix([BASE]) {
             let (_, v) = item.map_err(|e| self.err(e))?;
             match SnapshotChunk::decode(&v) {
-                Ok(chunk) => entries.extend(chunk.entries),
+                Ok(chunk) => index.extend(chunk.entries),
                 Err(e) => {
                     return Err(StoreError::Corrupt {
                         dir: self.dir.clone(),
@@ -330,6 +407,34 @@ impl Blocklist {
                 }
             }
         }
+        if !index.is_empty() {
+            tracing::info!(
+                cards = index.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "blocklist index rebuilt from the database ({}: {why}); saving it for the next start",
+                path.display()
+            );
+            match IndexFile::write(&path, &index) {
+                Ok(crc) => {
+                    self.meta
+                        .insert(INDEX_CRC, &u64::from(crc).to_be_bytes())
+                        .map_err(|e| self.err(e))?;
+                }
+                Err(e) => tracing::warn!(
+                    "cannot save the blocklist index to {}: {e}; the next start rebuilds it again",
+                    path.display()
+                ),
+            }
+        }
+        Ok(index)
+    }
+
+    /// The index from the base and the changes; also says how many changes there are.
+    fn build_index(&self) -> Result<(BlocklistIndex, usize), StoreError> {
+        let tree = self
+            .db
+            .open_tree(tree_name(self.generation()?))
+            .map_err(|e| self.err(e))?;
         let mut set = Vec::new();
         let mut clear = Vec::new();
         for item in tree.scan_prefix([DELTA]) {
@@ -350,17 +455,10 @@ impl Blocklist {
             }
         }
         let deltas = set.len() + clear.len();
-        let mut entries = CompactIndex::build(entries.iter().copied(), entries.len() + set.len());
-        if deltas > 0 {
-            entries = entries.with_changes(&set, &clear);
-        }
+        let mut entries = self.base_index(&tree)?;
+        entries.apply_mut(&set, &clear);
         let entries = Arc::new(entries);
-        let version = self
-            .meta
-            .get(VERSION)
-            .map_err(|e| self.err(e))?
-            .and_then(|v| decode_u64(&v))
-            .unwrap_or(0);
+        let version = self.meta_u64(VERSION)?.unwrap_or(0);
         let confirmed_at = self
             .meta
             .get(CONFIRMED_AT)
@@ -403,45 +501,142 @@ impl Blocklist {
         now: UtcMillis,
         mut progress: impl FnMut(usize),
     ) -> Result<(), StoreError> {
+        let mut chunks = entries.chunks(BLOB_CARDS).map(|c| Ok(c.to_vec()));
+        match self.replace_from(&mut chunks, entries.len(), version, now, &mut progress) {
+            Ok(()) => Ok(()),
+            Err(WholeError::Store(e)) => Err(e),
+            // The chunks of a slice are never refused.
+            Err(WholeError::Refused(why)) => Err(StoreError::Corrupt {
+                dir: self.dir.clone(),
+                detail: why,
+            }),
+        }
+    }
+
+    /// Replaces the whole list with the cards `chunks` yields, chunk by chunk, as
+    /// `version`: each chunk is stored and indexed as it comes, so the list is never held
+    /// whole in memory beside the index. `cards_hint` sizes the new index (it grows if
+    /// more come). An `Err` from `chunks`, or a storage failure, leaves the list in force
+    /// as it was.
+    pub fn replace_from(
+        &self,
+        chunks: ChunkSource<'_>,
+        cards_hint: usize,
+        version: u64,
+        now: UtcMillis,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<(), WholeError> {
         let mut deltas = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        self.write_whole(entries, version, now, &mut progress)?;
+        let built = self.write_whole(
+            chunks,
+            IndexOf::Build { cards_hint },
+            version,
+            now,
+            progress,
+        )?;
         *deltas = 0;
         self.publish(BlocklistIndex {
-            entries: Arc::new(CompactIndex::build(entries.iter().copied(), entries.len())),
+            entries: Arc::new(built.unwrap_or_default()),
             version,
             confirmed_at: Some(now),
         });
         Ok(())
     }
 
-    /// Writes the list whole as a new generation and flips to it (the writer lock held).
+    /// Writes the list whole as a new generation and flips to it (the writer lock held);
+    /// returns the index it built, if it was asked to build one.
     fn write_whole(
         &self,
-        entries: &[(CardUid, CardStatus)],
+        chunks: ChunkSource<'_>,
+        index: IndexOf<'_>,
         version: u64,
         now: UtcMillis,
         progress: &mut dyn FnMut(usize),
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<CompactIndex>, WholeError> {
         let old = self.generation()?;
         let new = old + 1;
         let tree = self.db.open_tree(tree_name(new)).map_err(|e| self.err(e))?;
-        tree.clear().map_err(|e| self.err(e))?;
-        for (n, chunk) in entries.chunks(BLOB_CARDS).enumerate() {
-            let mut key = vec![BASE];
-            key.extend_from_slice(&(n as u32).to_be_bytes());
-            tree.insert(key, SnapshotChunk::encode(version, n as u32, chunk))
-                .map_err(|e| self.err(e))?;
-            progress((n * BLOB_CARDS + chunk.len()).min(entries.len()));
-        }
+        let written = self.write_generation(&tree, chunks, index, version, progress);
+        let (built, cards) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                // Leave nothing half-written behind (open drops it too, should this fail).
+                let _ = self.db.drop_tree(tree_name(new));
+                return Err(e);
+            }
+        };
         crate::storage::store::flush_db(&self.db, &self.dir)?;
+        // Save the new base's index before the flip, so the flip can name it; a failure
+        // only costs the next start a rebuild.
+        let path = self.index_path();
+        let saved = match built.as_ref().or(match index {
+            IndexOf::Given(i) => Some(i),
+            IndexOf::Build { .. } => None,
+        }) {
+            Some(i) => match IndexFile::write(&path.with_extension("new"), i) {
+                Ok(crc) => Some(crc),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot save the blocklist index to {}: {e}; the next start rebuilds it",
+                        path.display()
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
         let mut flip = sled::Batch::default();
         flip.insert(GENERATION, &new.to_be_bytes());
         flip.insert(VERSION, &version.to_be_bytes());
         flip.insert(CONFIRMED_AT, &now.as_millis().to_be_bytes());
+        flip.insert(BASE_CARDS, &(cards as u64).to_be_bytes());
+        match saved {
+            Some(crc) => flip.insert(INDEX_CRC, &u64::from(crc).to_be_bytes()),
+            None => flip.remove(INDEX_CRC),
+        }
         self.meta.apply_batch(flip).map_err(|e| self.err(e))?;
         crate::storage::store::flush_db(&self.db, &self.dir)?;
+        if saved.is_some() {
+            if let Err(e) = std::fs::rename(path.with_extension("new"), &path) {
+                tracing::warn!(
+                    "cannot put the saved blocklist index in place at {}: {e}; the next start rebuilds it",
+                    path.display()
+                );
+            }
+        }
         self.db.drop_tree(tree_name(old)).map_err(|e| self.err(e))?;
-        Ok(())
+        Ok(built)
+    }
+
+    /// Stores the chunks as the blobs of `tree` (building the index if asked); returns it
+    /// and the number of cards written.
+    fn write_generation(
+        &self,
+        tree: &sled::Tree,
+        chunks: ChunkSource<'_>,
+        index: IndexOf<'_>,
+        version: u64,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<(Option<CompactIndex>, usize), WholeError> {
+        tree.clear().map_err(|e| self.err(e))?;
+        let mut built = match index {
+            IndexOf::Build { cards_hint } => Some(CompactIndex::with_capacity_for(cards_hint)),
+            IndexOf::Given(_) => None,
+        };
+        let mut written = 0usize;
+        for (n, chunk) in chunks.enumerate() {
+            let chunk = chunk.map_err(WholeError::Refused)?;
+            let mut key = vec![BASE];
+            key.extend_from_slice(&(n as u32).to_be_bytes());
+            tree.insert(key, SnapshotChunk::encode(version, n as u32, &chunk))
+                .map_err(|e| self.err(e))?;
+            written += chunk.len();
+            if let Some(b) = built.as_mut() {
+                b.extend(chunk);
+            }
+            progress(written);
+        }
+        Ok((built, written))
     }
 
     /// Applies an update (already checked on its own, signature included) on top of the
@@ -511,10 +706,16 @@ impl Blocklist {
             confirmed_at: Some(now),
         };
         if *deltas > self.compact_after {
-            // Fold the changes into a new base; on failure the changes stay valid as they are.
-            let all: Vec<(CardUid, CardStatus)> = next.entries.iter().collect();
-            match self.write_whole(&all, next.version, now, &mut |_| {}) {
-                Ok(()) => *deltas = 0,
+            // Fold the changes into a new base, streamed from the index in force; on
+            // failure the changes stay valid as they are.
+            let mut all = next.entries.iter();
+            let mut chunks = std::iter::from_fn(|| {
+                let chunk: Vec<_> = all.by_ref().take(BLOB_CARDS).collect();
+                (!chunk.is_empty()).then_some(Ok(chunk))
+            });
+            let given = IndexOf::Given(&next.entries);
+            match self.write_whole(&mut chunks, given, next.version, now, &mut |_| {}) {
+                Ok(_) => *deltas = 0,
                 Err(e) => tracing::warn!("cannot compact the stored blocklist: {e}"),
             }
         }
@@ -534,6 +735,22 @@ impl Blocklist {
             return Ok(false);
         }
         self.replace(entries, version, now, |_| {})?;
+        Ok(true)
+    }
+
+    /// [`Blocklist::apply_snapshot`] with the cards streamed chunk by chunk (see
+    /// [`Blocklist::replace_from`]).
+    pub fn apply_snapshot_from(
+        &self,
+        version: u64,
+        chunks: ChunkSource<'_>,
+        cards_hint: usize,
+        now: UtcMillis,
+    ) -> Result<bool, WholeError> {
+        if version <= self.index().version {
+            return Ok(false);
+        }
+        self.replace_from(chunks, cards_hint, version, now, &mut |_| {})?;
         Ok(true)
     }
 }
@@ -587,6 +804,114 @@ mod tests {
         assert_eq!(idx.age_s(UtcMillis(5_000)), Some(3));
         assert!(!idx.is_stale(UtcMillis(5_000), 1));
         assert!(idx.is_stale(UtcMillis(2_000 + 3600 * 1000 + 1000), 1));
+    }
+
+    #[test]
+    fn the_saved_index_is_read_at_open_and_a_bad_one_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        assert!(!bl.opened_from_saved_index(), "nothing saved yet");
+        let cards: Vec<_> = (0..120_000u32)
+            .map(|i| {
+                let b = i.to_be_bytes();
+                let uid = CardUid::from_bytes(&[0x04, 0x10, b[0], b[1], b[2], b[3], 0x80]).unwrap();
+                (uid, CardStatus::ALL[1 + (i % 4) as usize])
+            })
+            .collect();
+        bl.replace(&cards, 3, UtcMillis(0), |_| {}).unwrap();
+        let changed = cards[7].0;
+        let upd = update(3, 4, &[(&changed.to_string(), CardStatus::Active)], &[]);
+        bl.apply_update(&upd, UtcMillis(1)).unwrap();
+        drop(bl);
+        let path = dir.path().join(INDEX_FILE);
+        let check = |bl: &Blocklist| {
+            let idx = bl.index();
+            assert_eq!(idx.version, 4);
+            assert_eq!(idx.len(), cards.len() - 1);
+            assert_eq!(
+                idx.lookup(&changed),
+                None,
+                "the change on top of the saved base"
+            );
+            for (uid, status) in cards.iter().skip(8).step_by(997) {
+                assert_eq!(idx.lookup(uid), Some(*status));
+            }
+        };
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        assert!(bl.opened_from_saved_index());
+        check(&bl);
+        drop(bl);
+        // Damaged: rebuilt from sled, right all the same, and saved again.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        assert!(!bl.opened_from_saved_index());
+        check(&bl);
+        drop(bl);
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        assert!(
+            bl.opened_from_saved_index(),
+            "saved again after the rebuild"
+        );
+        check(&bl);
+        drop(bl);
+        // Missing, and another list's file in its place: the same.
+        std::fs::remove_file(&path).unwrap();
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        assert!(!bl.opened_from_saved_index());
+        check(&bl);
+        drop(bl);
+        let other = CompactIndex::build([(cards[0].0, CardStatus::Suspended)], 1);
+        IndexFile::write(&path, &other).unwrap();
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        assert!(!bl.opened_from_saved_index());
+        check(&bl);
+    }
+
+    #[test]
+    fn a_refused_streamed_snapshot_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        let a = CardUid::parse("04A1B2C3").unwrap();
+        let b = CardUid::parse("04A1B2C4").unwrap();
+        bl.replace(&[(a, CardStatus::Blocked)], 1, UtcMillis(0), |_| {})
+            .unwrap();
+        let mut chunks = vec![
+            Ok(vec![(b, CardStatus::Suspended)]),
+            Err("chunk 1 changed on disk".to_string()),
+        ]
+        .into_iter();
+        let e = bl
+            .apply_snapshot_from(2, &mut chunks, 2, UtcMillis(5))
+            .unwrap_err();
+        assert!(
+            matches!(e, WholeError::Refused(ref w) if w.contains("changed on disk")),
+            "{e}"
+        );
+        assert_eq!(bl.index().version, 1);
+        assert_eq!(bl.index().lookup(&b), None);
+        let names: Vec<_> = db.tree_names();
+        assert!(
+            !names.iter().any(|n| n.as_ref() == b"blocklist.2"),
+            "nothing half-written left"
+        );
+        drop(bl);
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        assert!(bl.opened_from_saved_index());
+        assert_eq!(bl.index().version, 1);
+        assert_eq!(bl.index().lookup(&a), Some(CardStatus::Blocked));
+        assert_eq!(bl.index().lookup(&b), None);
+        // A good stream applies.
+        let mut chunks = vec![Ok(vec![(b, CardStatus::Suspended)])].into_iter();
+        assert!(bl
+            .apply_snapshot_from(2, &mut chunks, 1, UtcMillis(5))
+            .unwrap());
+        assert_eq!(bl.index().lookup(&a), None);
+        assert_eq!(bl.index().lookup(&b), Some(CardStatus::Suspended));
     }
 
     #[test]

@@ -16,11 +16,13 @@
 //! there, the list is replaced from the files and the staging folder is emptied. Memory
 //! held for an incomplete snapshot is one chunk.
 
-use crate::lists::blocklist::{Blocklist, Rejection};
+use crate::lists::blocklist::{Blocklist, Rejection, WholeError};
 use crate::lists::signing::verify;
 use crate::shared::{Counters, Shared};
 use ed25519_dalek::VerifyingKey;
-use id06_protocol::{BlocklistUpdate, SnapshotChunk, SnapshotManifest, UtcMillis};
+use id06_protocol::{
+    BlocklistUpdate, CardStatus, CardUid, SnapshotChunk, SnapshotManifest, UtcMillis,
+};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -86,6 +88,11 @@ impl Staging {
     /// The indexes still missing for `m`.
     pub fn missing(&self, m: &SnapshotManifest) -> Vec<u32> {
         (0..m.chunks).filter(|i| !self.has(*i)).collect()
+    }
+
+    /// The size of staged chunk `index` on disk (0 when it is not there).
+    pub fn size(&self, index: u32) -> u64 {
+        std::fs::metadata(self.chunk_path(index)).map_or(0, |m| m.len())
     }
 
     /// Chunk `index` as staged.
@@ -380,35 +387,44 @@ impl BlocklistSync {
             dir: self.staging.dir.clone(),
         };
         let version = m.version;
-        let result = tokio::task::spawn_blocking(move || -> Result<(bool, usize), String> {
-            let mut entries = Vec::with_capacity(m.cards.min(50_000_000) as usize);
-            for i in 0..m.chunks {
-                let bytes = staging
-                    .read(i)
-                    .map_err(|e| format!("staged chunk {i} cannot be read: {e}"))?;
-                if !m.names_chunk(i, &crate::lists::signing::sha256_hex(&bytes)) {
-                    return Err(format!("staged chunk {i} changed on disk"));
+        let result = tokio::task::spawn_blocking(move || -> Result<(bool, u64), String> {
+            // The chunks are read, checked and stored one at a time: the snapshot is
+            // never held whole in memory beside the index in force and the new one.
+            let staged_bytes: u64 = (0..m.chunks).map(|i| staging.size(i)).sum();
+            // A manifest may announce more cards than were received; size by what is on
+            // disk (each card takes at least 6 bytes), not by what it claims.
+            let hint = m.cards.min(staged_bytes / 6) as usize;
+            let mut next = 0u32;
+            let mut cards = 0u64;
+            let mut done = false;
+            let mut chunks = std::iter::from_fn(|| {
+                if done {
+                    return None;
                 }
-                let c = SnapshotChunk::decode(&bytes).map_err(|e| e.to_string())?;
-                if c.version != m.version || c.index != i {
-                    return Err(format!(
-                        "chunk {i} says it is chunk {} of version {}",
-                        c.index, c.version
-                    ));
+                if next == m.chunks {
+                    done = true;
+                    return (cards != m.cards).then(|| {
+                        Err(format!(
+                            "the manifest announces {} cards but the chunks hold {cards}",
+                            m.cards
+                        ))
+                    });
                 }
-                entries.extend(c.entries);
-            }
-            if entries.len() as u64 != m.cards {
-                return Err(format!(
-                    "the manifest announces {} cards but the chunks hold {}",
-                    m.cards,
-                    entries.len()
-                ));
-            }
-            let cards = entries.len();
+                let i = next;
+                next += 1;
+                let chunk = read_staged(&staging, &m, i);
+                match &chunk {
+                    Ok(c) => cards += c.len() as u64,
+                    Err(_) => done = true,
+                }
+                Some(chunk)
+            });
             let applied = bl
-                .apply_snapshot(m.version, &entries, UtcMillis::now())
-                .map_err(|e| format!("it could not be stored: {e}"))?;
+                .apply_snapshot_from(m.version, &mut chunks, hint, UtcMillis::now())
+                .map_err(|e| match e {
+                    WholeError::Refused(why) => why,
+                    WholeError::Store(e) => format!("it could not be stored: {e}"),
+                })?;
             Ok((applied, cards))
         })
         .await;
@@ -430,6 +446,28 @@ impl BlocklistSync {
             Err(e) => self.rejected(format!("blocklist snapshot {version} failed: {e}")),
         }
     }
+}
+
+/// Staged chunk `i`, checked against the manifest again (the disk may have changed it).
+fn read_staged(
+    staging: &Staging,
+    m: &SnapshotManifest,
+    i: u32,
+) -> Result<Vec<(CardUid, CardStatus)>, String> {
+    let bytes = staging
+        .read(i)
+        .map_err(|e| format!("staged chunk {i} cannot be read: {e}"))?;
+    if !m.names_chunk(i, &crate::lists::signing::sha256_hex(&bytes)) {
+        return Err(format!("staged chunk {i} changed on disk"));
+    }
+    let c = SnapshotChunk::decode(&bytes).map_err(|e| e.to_string())?;
+    if c.version != m.version || c.index != i {
+        return Err(format!(
+            "chunk {i} says it is chunk {} of version {}",
+            c.index, c.version
+        ));
+    }
+    Ok(c.entries)
 }
 
 #[cfg(test)]

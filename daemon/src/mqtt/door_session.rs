@@ -55,6 +55,8 @@ impl DoorSession {
         o.set_clean_start(true);
         o.set_keep_alive(Duration::from_secs(15));
         o.set_max_packet_size(Some(64 * 1024));
+        // See V5_INFLIGHT.
+        o.set_outgoing_inflight_upper_limit(crate::mqtt::V5_INFLIGHT);
         if let Some(tls) = &self.tls {
             o.set_transport(rumqttc::Transport::tls_with_config(
                 rumqttc::TlsConfiguration::Rustls(tls.clone()),

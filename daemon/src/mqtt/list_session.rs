@@ -78,6 +78,8 @@ fn options(
     o.set_keep_alive(Duration::from_secs(60));
     o.set_max_packet_size(Some(MAX_PACKET));
     o.set_receive_maximum(Some(RECEIVE_MAXIMUM));
+    // It publishes nothing but subscriptions; see V5_INFLIGHT.
+    o.set_outgoing_inflight_upper_limit(crate::mqtt::V5_INFLIGHT);
     if let Some(tls) = tls {
         o.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(tls.clone()),

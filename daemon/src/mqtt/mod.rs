@@ -8,3 +8,9 @@ pub mod ledger_inbox;
 pub mod list_session;
 pub mod publish;
 pub mod tls;
+
+/// The packets a v5 session (decisions, lists) may have in flight. rumqttc allocates a
+/// slot for every one up front (65 535 unless told, about 2.8 MB per client, again at
+/// every reconnect); mosquitto's `max_inflight_messages` is 20 by default, and the smaller
+/// of the two applies.
+pub const V5_INFLIGHT: u16 = 64;
