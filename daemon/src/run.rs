@@ -138,17 +138,21 @@ pub async fn run(
     if !crate::ops::clock::clock_synced() {
         tracing::warn!("the system clock is not synchronised (no NTP yet?); events carry clock_synced = false until it is");
     }
-    let index = blocklist.index();
-    tracing::info!(
-        terminal = %config.terminal_id,
-        site = %config.site_id,
-        data_dir = %config.data_dir.display(),
-        last_seq = outbox.last_seq(),
-        outbox_depth = outbox.depth(),
-        blocklist_version = index.version,
-        blocklist_cards = index.len(),
-        "id06d starting"
-    );
+    {
+        // Scoped: a picture of the list held for the daemon's lifetime would keep the
+        // first index (67 MB at 5 million cards) in memory beside every later one.
+        let index = blocklist.index();
+        tracing::info!(
+            terminal = %config.terminal_id,
+            site = %config.site_id,
+            data_dir = %config.data_dir.display(),
+            last_seq = outbox.last_seq(),
+            outbox_depth = outbox.depth(),
+            blocklist_version = index.version,
+            blocklist_cards = index.len(),
+            "id06d starting"
+        );
+    }
 
     let names: Vec<String> = config.readers.iter().map(|r| r.name.clone()).collect();
     let shared = Arc::new(Shared::new(&names));

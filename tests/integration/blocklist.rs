@@ -378,3 +378,66 @@ fn a_gateway_started_empty_converges_from_the_retained_snapshot_and_later_update
     let out = cli_ok(&["blocklist", "stats", "--config", &cfg]);
     assert!(out.contains("version 11: 120002 listed cards"), "{out}");
 }
+
+/// The first tap after a start is decided on the list in force, whether the index is read
+/// from the file saved with the list or (the file damaged) rebuilt from the database.
+#[test]
+fn a_tap_at_start_up_is_decided_on_the_list_whether_its_index_is_read_or_rebuilt() {
+    let dir = scratch();
+    let broker = broker(dir.path());
+    // The card is presented from the first moment the reader is open.
+    write_script(
+        dir.path(),
+        "at-start.txt",
+        &format!("at 0 present {A}\nat 400 absent\n"),
+    );
+    let config = TestConfig::write(
+        dir.path(),
+        &broker.url(),
+        "[[reader]]\nname = \"gate\"\nkind = \"simulated\"\nscript = \"at-start.txt\"\npoll_ms = 10\ndirection = \"in\"\n",
+    );
+    let cfg = config.path.to_str().unwrap().to_string();
+    let p = config.base();
+    let mut csv = format!("{A},suspended\n");
+    for i in 0..300_000u32 {
+        csv.push_str(&format!("{},terminated\n", card(0x200000 + i)));
+    }
+    import_list(&cfg, &csv, &[]);
+    let index = dir.path().join("data/blocklist.index");
+    assert!(index.exists(), "the import saves the index");
+
+    let sub = Subscriber::start(broker.port, "ledger-start", &[&format!("{p}/event")]);
+    let start_and_tap = |n: usize| -> String {
+        let mut daemon = Daemon::start(&config);
+        wait_for("the tap at start", Duration::from_secs(20), || {
+            sub.events(&format!("{p}/event")).len() >= n
+        });
+        let e = sub.events(&format!("{p}/event"))[n - 1].clone();
+        assert_eq!(e.card_uid.to_string(), A);
+        assert_eq!(e.card_status.as_str(), "suspended", "{e:?}");
+        assert_eq!(e.reason.map(|r| r.as_str()), Some("suspended"));
+        assert_eq!(e.blocklist_version, 1);
+        assert_eq!(daemon.terminate(), Some(0));
+        daemon.log_text()
+    };
+
+    let log = start_and_tap(1);
+    assert!(
+        !log.contains("index rebuilt"),
+        "read from the saved file:\n{log}"
+    );
+
+    // A torn file (a disk that lied): rebuilt from the database, decided the same.
+    let bytes = std::fs::read(&index).unwrap();
+    std::fs::write(&index, &bytes[..bytes.len() / 2]).unwrap();
+    let log = start_and_tap(2);
+    assert!(
+        log.contains("blocklist index rebuilt from the stored list"),
+        "{log}"
+    );
+    assert!(log.contains("does not fit"), "the reason is named:\n{log}");
+
+    // Saved again by that start: the next one reads it.
+    let log = start_and_tap(3);
+    assert!(!log.contains("index rebuilt"), "{log}");
+}

@@ -1,25 +1,29 @@
-//! The blocklist: sled is the source of truth, lookups are served from an in-memory index
-//! that is rebuilt from sled at start and swapped whole on every change, so a lookup sees
-//! the old list or the new one and never waits for a writer.
+//! The blocklist: stored durably beside and in sled, served from an in-memory index that
+//! is swapped whole on every change, so a lookup sees the old list or the new one and
+//! never waits for a writer.
 //!
-//! Storage: `blocklist_meta` holds the current generation, version and confirmation time.
-//! A generation's tree `blocklist.<generation>` holds the list as it was written whole, in
-//! blobs of 50 000 cards (`b` + chunk number → the snapshot chunk encoding of
-//! `id06_protocol::SnapshotChunk`), plus the per-card changes of later updates (`d` + UID
-//! bytes → status code, or `0xFF` for "taken off"). Loading millions of cards is then a
-//! few dozen reads, not millions. When the changes pile up (more than
-//! [`COMPACT_AFTER`]) the list is written whole as a new generation. A full write goes to
-//! a new generation and then flips the pointer in one batch, so a crash mid-import leaves
-//! the old list in force; leftover generations are dropped at open.
+//! Storage: `blocklist_meta` (sled) holds the current generation, version, confirmation
+//! time and what names the generation's files. A generation is the list as it was written
+//! whole — its *base*, in `{data_dir}/blocklist.<generation>.base` (see
+//! [`crate::lists::base`] for why a file) — plus the per-card changes of later updates
+//! in the sled tree `blocklist.<generation>` (`d` + UID bytes → status code, or `0xFF`
+//! for "taken off"). When the changes pile up (more than [`COMPACT_AFTER`]) the list is
+//! written whole as a new generation. A whole write syncs the new generation's files
+//! and then flips the pointer in one batch, so a crash mid-import leaves the old list in
+//! force; files and trees of other generations are removed at open.
 //!
-//! Start-up: rebuilding the index of 5 million cards from the blobs takes millions of
-//! random writes, so every whole write also saves the new base's index to
-//! `{data_dir}/blocklist.index` ([`IndexFile`]) and records that file's CRC in the same
-//! batch that flips the generation. At open, a file with the recorded CRC is read back
-//! (a sequential read) and the generation's per-card changes are applied on top; any
-//! other file (missing, torn, another generation's) is ignored, the index is rebuilt from
-//! sled, and the file is written again. sled stays the source of truth.
+//! Start-up: rebuilding the index of 5 million cards takes millions of random writes, so
+//! every whole write also saves the new base's index to `{data_dir}/blocklist.index`
+//! ([`IndexFile`]) and records its CRC in the batch that flips the generation. At open, a
+//! file with the recorded CRC is read back (a sequential read) and the changes are
+//! applied on top; any other file (missing, torn, another generation's) is ignored, the
+//! index is rebuilt from the base, and the file is written again.
+//!
+//! Data directories written before the base moved out of sled keep their base as blobs
+//! in the generation's tree (`b` + chunk number → chunk); they are read once and written
+//! out as a new generation at the first open.
 
+use crate::lists::base::{read_base, BaseWriter};
 use crate::lists::index::{CompactIndex, IndexFile};
 use crate::storage::store::{decode_i64, decode_u64, StoreError};
 use arc_swap::ArcSwap;
@@ -30,6 +34,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 const GENERATION: &[u8] = b"generation";
+/// Chunks in the current generation's base file (absent: the base is in sled, as written
+/// by earlier versions).
+const BASE_CHUNKS: &[u8] = b"base_chunks";
 const BASE: u8 = b'b';
 const DELTA: u8 = b'd';
 const CLEARED: u8 = 0xFF;
@@ -332,10 +339,13 @@ impl Blocklist {
             compact_after: COMPACT_AFTER,
             read_saved_index: Arc::default(),
         };
-        let _ = std::fs::remove_file(bl.index_path().with_extension("tmp"));
+        bl.remove_stray_files(generation);
         let (index, deltas) = bl.build_index()?;
         bl.current.store(Arc::new(index));
         *bl.writer.lock().unwrap_or_else(|p| p.into_inner()) = deltas;
+        if bl.meta_u64(BASE_CHUNKS)?.is_none() && !bl.index().is_empty() {
+            bl.move_base_out_of_sled()?;
+        }
         Ok(bl)
     }
 
@@ -370,9 +380,61 @@ impl Blocklist {
             .and_then(|v| decode_u64(&v)))
     }
 
+    fn base_path(&self, generation: u64) -> std::path::PathBuf {
+        self.dir.join(format!("{}.base", tree_name(generation)))
+    }
+
+    /// Removes the files of other generations and of writes that did not finish.
+    fn remove_stray_files(&self, generation: u64) {
+        let index = INDEX_FILE.as_bytes();
+        let current = self.base_path(generation);
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.as_encoded_bytes();
+            let stray_base = name.starts_with(b"blocklist.")
+                && name.ends_with(b".base")
+                && entry.path() != current;
+            let stray_index = name.starts_with(index) && name != index;
+            if stray_base || stray_index {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Writes a base kept in sled by an earlier version out as a new generation.
+    fn move_base_out_of_sled(&self) -> Result<(), StoreError> {
+        let _deltas = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let index = self.index();
+        let mut all = index.entries.iter();
+        let mut chunks = std::iter::from_fn(|| {
+            let chunk: Vec<_> = all.by_ref().take(BLOB_CARDS).collect();
+            (!chunk.is_empty()).then_some(Ok(chunk))
+        });
+        let given = IndexOf::Given(&index.entries);
+        let now = index.confirmed_at.unwrap_or(UtcMillis(0));
+        match self.write_whole(&mut chunks, given, index.version, now, &mut |_| {}) {
+            Ok(_) => {
+                tracing::info!(
+                    cards = index.len(),
+                    "the stored blocklist moved to {} (written by an earlier version inside the database)",
+                    self.base_path(self.generation()?).display()
+                );
+                Ok(())
+            }
+            Err(WholeError::Store(e)) => Err(e),
+            Err(WholeError::Refused(why)) => Err(StoreError::Corrupt {
+                dir: self.dir.clone(),
+                detail: why,
+            }),
+        }
+    }
+
     /// The base's index: read from the saved file when it is the one recorded for this
-    /// generation, rebuilt from the blobs (and saved again) otherwise.
-    fn base_index(&self, tree: &sled::Tree) -> Result<CompactIndex, StoreError> {
+    /// generation, rebuilt from the base (and saved again) otherwise.
+    fn base_index(&self, generation: u64, tree: &sled::Tree) -> Result<CompactIndex, StoreError> {
         let started = std::time::Instant::now();
         let path = self.index_path();
         let recorded = self.meta_u64(INDEX_CRC)?;
@@ -395,15 +457,27 @@ impl Blocklist {
         };
         let hint = self.meta_u64(BASE_CARDS)?.unwrap_or(0) as usize;
         let mut index = CompactIndex::with_capacity_for(hint);
-        for item in tree.scan_prefix([BASE]) {
-            let (_, v) = item.map_err(|e| self.err(e))?;
-            match SnapshotChunk::decode(&v) {
-                Ok(chunk) => index.extend(chunk.entries),
-                Err(e) => {
-                    return Err(StoreError::Corrupt {
-                        dir: self.dir.clone(),
-                        detail: format!("a stored blocklist blob cannot be read: {e}"),
-                    })
+        let corrupt = |detail: String| StoreError::Corrupt {
+            dir: self.dir.clone(),
+            detail,
+        };
+        match self.meta_u64(BASE_CHUNKS)? {
+            Some(chunks) => {
+                let base = self.base_path(generation);
+                read_base(&base, chunks, |chunk| index.extend(chunk.entries)).map_err(|e| {
+                    corrupt(format!(
+                        "the blocklist's stored base {} cannot be read: {e}",
+                        base.display()
+                    ))
+                })?;
+            }
+            None => {
+                for item in tree.scan_prefix([BASE]) {
+                    let (_, v) = item.map_err(|e| self.err(e))?;
+                    let chunk = SnapshotChunk::decode(&v).map_err(|e| {
+                        corrupt(format!("a stored blocklist blob cannot be read: {e}"))
+                    })?;
+                    index.extend(chunk.entries);
                 }
             }
         }
@@ -411,7 +485,7 @@ impl Blocklist {
             tracing::info!(
                 cards = index.len(),
                 ms = started.elapsed().as_millis() as u64,
-                "blocklist index rebuilt from the database ({}: {why}); saving it for the next start",
+                "blocklist index rebuilt from the stored list ({}: {why}); saving it for the next start",
                 path.display()
             );
             match IndexFile::write(&path, &index) {
@@ -431,9 +505,10 @@ impl Blocklist {
 
     /// The index from the base and the changes; also says how many changes there are.
     fn build_index(&self) -> Result<(BlocklistIndex, usize), StoreError> {
+        let generation = self.generation()?;
         let tree = self
             .db
-            .open_tree(tree_name(self.generation()?))
+            .open_tree(tree_name(generation))
             .map_err(|e| self.err(e))?;
         let mut set = Vec::new();
         let mut clear = Vec::new();
@@ -455,7 +530,7 @@ impl Blocklist {
             }
         }
         let deltas = set.len() + clear.len();
-        let mut entries = self.base_index(&tree)?;
+        let mut entries = self.base_index(generation, &tree)?;
         entries.apply_mut(&set, &clear);
         let entries = Arc::new(entries);
         let version = self.meta_u64(VERSION)?.unwrap_or(0);
@@ -555,25 +630,26 @@ impl Blocklist {
     ) -> Result<Option<CompactIndex>, WholeError> {
         let old = self.generation()?;
         let new = old + 1;
-        let tree = self.db.open_tree(tree_name(new)).map_err(|e| self.err(e))?;
-        let written = self.write_generation(&tree, chunks, index, version, progress);
-        let (built, cards) = match written {
+        let base = self.base_path(new);
+        let written = self.write_base(new, &base, chunks, index, version, progress);
+        let (built, cards, base_chunks) = match written {
             Ok(w) => w,
             Err(e) => {
-                // Leave nothing half-written behind (open drops it too, should this fail).
+                // Leave nothing half-written behind (open removes it too, should this fail).
+                let _ = std::fs::remove_file(&base);
                 let _ = self.db.drop_tree(tree_name(new));
                 return Err(e);
             }
         };
-        crate::storage::store::flush_db(&self.db, &self.dir)?;
         // Save the new base's index before the flip, so the flip can name it; a failure
         // only costs the next start a rebuild.
         let path = self.index_path();
+        let fresh = path.with_extension("index.new");
         let saved = match built.as_ref().or(match index {
             IndexOf::Given(i) => Some(i),
             IndexOf::Build { .. } => None,
         }) {
-            Some(i) => match IndexFile::write(&path.with_extension("new"), i) {
+            Some(i) => match IndexFile::write(&fresh, i) {
                 Ok(crc) => Some(crc),
                 Err(e) => {
                     tracing::warn!(
@@ -590,6 +666,7 @@ impl Blocklist {
         flip.insert(VERSION, &version.to_be_bytes());
         flip.insert(CONFIRMED_AT, &now.as_millis().to_be_bytes());
         flip.insert(BASE_CARDS, &(cards as u64).to_be_bytes());
+        flip.insert(BASE_CHUNKS, &base_chunks.to_be_bytes());
         match saved {
             Some(crc) => flip.insert(INDEX_CRC, &u64::from(crc).to_be_bytes()),
             None => flip.remove(INDEX_CRC),
@@ -597,7 +674,7 @@ impl Blocklist {
         self.meta.apply_batch(flip).map_err(|e| self.err(e))?;
         crate::storage::store::flush_db(&self.db, &self.dir)?;
         if saved.is_some() {
-            if let Err(e) = std::fs::rename(path.with_extension("new"), &path) {
+            if let Err(e) = std::fs::rename(&fresh, &path) {
                 tracing::warn!(
                     "cannot put the saved blocklist index in place at {}: {e}; the next start rebuilds it",
                     path.display()
@@ -605,20 +682,31 @@ impl Blocklist {
             }
         }
         self.db.drop_tree(tree_name(old)).map_err(|e| self.err(e))?;
+        let _ = std::fs::remove_file(self.base_path(old));
         Ok(built)
     }
 
-    /// Stores the chunks as the blobs of `tree` (building the index if asked); returns it
-    /// and the number of cards written.
-    fn write_generation(
+    /// Writes the chunks to the base file of generation `generation` (building the index
+    /// if asked) and gives it an empty tree of changes; returns the index, the number of
+    /// cards and the number of chunks written.
+    fn write_base(
         &self,
-        tree: &sled::Tree,
+        generation: u64,
+        base: &Path,
         chunks: ChunkSource<'_>,
         index: IndexOf<'_>,
         version: u64,
         progress: &mut dyn FnMut(usize),
-    ) -> Result<(Option<CompactIndex>, usize), WholeError> {
-        tree.clear().map_err(|e| self.err(e))?;
+    ) -> Result<(Option<CompactIndex>, usize, u64), WholeError> {
+        let io = |e: std::io::Error| StoreError::Io {
+            dir: self.dir.clone(),
+            detail: format!("cannot write the blocklist's base {}: {e}", base.display()),
+        };
+        self.db
+            .open_tree(tree_name(generation))
+            .and_then(|t| t.clear())
+            .map_err(|e| self.err(e))?;
+        let mut out = BaseWriter::create(base).map_err(io)?;
         let mut built = match index {
             IndexOf::Build { cards_hint } => Some(CompactIndex::with_capacity_for(cards_hint)),
             IndexOf::Given(_) => None,
@@ -626,17 +714,16 @@ impl Blocklist {
         let mut written = 0usize;
         for (n, chunk) in chunks.enumerate() {
             let chunk = chunk.map_err(WholeError::Refused)?;
-            let mut key = vec![BASE];
-            key.extend_from_slice(&(n as u32).to_be_bytes());
-            tree.insert(key, SnapshotChunk::encode(version, n as u32, &chunk))
-                .map_err(|e| self.err(e))?;
+            out.append(&SnapshotChunk::encode(version, n as u32, &chunk))
+                .map_err(io)?;
             written += chunk.len();
             if let Some(b) = built.as_mut() {
                 b.extend(chunk);
             }
             progress(written);
         }
-        Ok((built, written))
+        let base_chunks = out.finish().map_err(io)?;
+        Ok((built, written, base_chunks))
     }
 
     /// Applies an update (already checked on its own, signature included) on top of the
@@ -869,6 +956,52 @@ mod tests {
         let bl = Blocklist::open(&db, dir.path()).unwrap();
         assert!(!bl.opened_from_saved_index());
         check(&bl);
+        drop(bl);
+        // Both copies damaged: a clear error naming the base, never a list with cards missing.
+        std::fs::write(&path, b"torn").unwrap();
+        let base = dir.path().join("blocklist.1.base");
+        let mut bytes = std::fs::read(&base).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x01;
+        std::fs::write(&base, &bytes).unwrap();
+        let e = Blocklist::open(&db, dir.path()).err().unwrap().to_string();
+        assert!(e.contains("blocklist.1.base") && e.contains("CRC"), "{e}");
+    }
+
+    #[test]
+    fn a_base_kept_in_sled_by_an_earlier_version_moves_to_its_file_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let a = CardUid::parse("04A1B2C3").unwrap();
+        let b = CardUid::parse("04A1B2C3D4E5F6").unwrap();
+        // What 0.2.0 wrote: generation 3, its base as a blob, one change beside it.
+        let meta = db.open_tree("blocklist_meta").unwrap();
+        meta.insert(GENERATION, &3u64.to_be_bytes()).unwrap();
+        meta.insert(VERSION, &9u64.to_be_bytes()).unwrap();
+        meta.insert(CONFIRMED_AT, &5_000i64.to_be_bytes()).unwrap();
+        let old = db.open_tree("blocklist.3").unwrap();
+        let blob =
+            SnapshotChunk::encode(9, 0, &[(a, CardStatus::Blocked), (b, CardStatus::Produced)]);
+        old.insert([BASE, 0, 0, 0, 0], blob).unwrap();
+        let mut k = vec![DELTA];
+        k.extend_from_slice(b.as_bytes());
+        old.insert(k, &[CLEARED]).unwrap();
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        let check = |bl: &Blocklist| {
+            let idx = bl.index();
+            assert_eq!(idx.version, 9);
+            assert_eq!(idx.confirmed_at, Some(UtcMillis(5_000)));
+            assert_eq!(idx.lookup(&a), Some(CardStatus::Blocked));
+            assert_eq!(idx.lookup(&b), None, "the change applied");
+            assert_eq!(idx.len(), 1);
+        };
+        check(&bl);
+        assert!(dir.path().join("blocklist.4.base").exists());
+        assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"blocklist.3"));
+        drop(bl);
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        assert!(bl.opened_from_saved_index());
+        check(&bl);
     }
 
     #[test]
@@ -927,10 +1060,16 @@ mod tests {
         orphan
             .insert(a.as_bytes(), &[CardStatus::Suspended.code()])
             .unwrap();
+        std::fs::write(dir.path().join("blocklist.2.base"), b"half").unwrap();
+        std::fs::write(dir.path().join("blocklist.index.new"), b"half").unwrap();
         drop(bl);
         let bl = Blocklist::open(&db, dir.path()).unwrap();
         assert_eq!(bl.index().lookup(&a), Some(CardStatus::Blocked));
         assert!(!db.tree_names().iter().any(|n| n.as_ref() == b"blocklist.2"));
+        assert!(!dir.path().join("blocklist.2.base").exists());
+        assert!(!dir.path().join("blocklist.index.new").exists());
+        assert!(dir.path().join("blocklist.1.base").exists());
+        assert!(dir.path().join("blocklist.index").exists());
     }
 
     fn update(from: u64, to: u64, set: &[(&str, CardStatus)], clear: &[&str]) -> BlocklistUpdate {

@@ -1,5 +1,6 @@
 //! Who may pass: the national blocklist and its index, the site list, signed updates and
 //! snapshots, and their sync over MQTT.
+pub mod base;
 pub mod blocklist;
 pub mod index;
 pub mod signing;

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The on-disk format this build writes. 2: events carry a stream (`id06d/event/v2`).
-pub const FORMAT_VERSION: u64 = 2;
+/// 3: the blocklist's base lives in a file beside sled (`lists/base.rs`); a build that
+/// reads format 2 would see an empty list in it, so it must refuse the directory.
+pub const FORMAT_VERSION: u64 = 3;
 
 /// Why the store cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -210,8 +212,9 @@ impl Store {
             }
             if found < FORMAT_VERSION {
                 // Format 1 had no streams: its events cannot be delivered as v2 events.
-                // One that never recorded an event is simply taken over.
-                if self.journal.scan_prefix(b"e").next().is_some() {
+                // One that never recorded an event is simply taken over. Format 2 is
+                // taken over as it is (the blocklist moves its base out at open).
+                if found < 2 && self.journal.scan_prefix(b"e").next().is_some() {
                     return Err(StoreError::TooOld {
                         dir: self.dir.clone(),
                     });
@@ -400,7 +403,7 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_directory_is_taken_over_only_without_events() {
+    fn older_formats_are_taken_over_or_refused_and_a_newer_one_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path(), "t").unwrap();
@@ -419,6 +422,25 @@ mod tests {
         let e = Store::open(dir.path(), "t").err().unwrap();
         assert!(matches!(e, StoreError::TooOld { .. }), "{e}");
         assert!(e.to_string().contains("id06d 0.1"));
+        // Format 2 with events is taken over; a newer format is refused.
+        {
+            let db = sled::open(dir.path().join("db")).unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert("format", &2u64.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let s = Store::open(dir.path(), "t").unwrap();
+        assert_eq!(
+            s.meta.get("format").unwrap().as_deref(),
+            Some(&FORMAT_VERSION.to_be_bytes()[..])
+        );
+        s.meta
+            .insert("format", &(FORMAT_VERSION + 1).to_be_bytes())
+            .unwrap();
+        s.flush().unwrap();
+        drop(s);
+        let e = Store::open(dir.path(), "t").err().unwrap();
+        assert!(matches!(e, StoreError::TooNew { .. }), "{e}");
     }
 
     #[test]
