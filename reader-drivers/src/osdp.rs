@@ -42,6 +42,11 @@ use tokio_util::sync::CancellationToken;
 
 /// How often the control panel is driven (libosdp needs at most 50 ms; less is faster).
 const REFRESH: Duration = Duration::from_millis(2);
+/// After a command is queued, how long the line is watched for the end of the exchange in
+/// flight (so that the command goes out the moment the line is free, not at the next
+/// tick), and how often signals are looked at meanwhile.
+const URGENT: Duration = Duration::from_millis(100);
+const URGENT_TICK: Duration = Duration::from_micros(250);
 /// How long a reader may take to come online after the line is opened before it is
 /// reported as not answering.
 const GRACE: Duration = Duration::from_secs(3);
@@ -475,6 +480,7 @@ pub fn run(bus: Bus, signals: Receiver<(usize, Signal)>, stop: CancellationToken
         });
         let opened = Instant::now();
         let mut ever_online = false;
+        let mut urgent_until: Option<Instant> = None;
         loop {
             if stop.is_cancelled() {
                 return;
@@ -548,14 +554,27 @@ pub fn run(bus: Bus, signals: Receiver<(usize, Signal)>, stop: CancellationToken
                 }
             }
             // Wait for the next refresh, or for a signal: a decision's feedback goes on the
-            // wire at once, not at the next tick.
-            let mut next = signals.recv_timeout(REFRESH).ok();
+            // wire at once, not at the next tick. While commands wait for an exchange in
+            // flight to end, wait for the line's answer instead.
+            let mut next = match urgent_until {
+                Some(until) if Instant::now() < until => {
+                    wait_readable(fd, URGENT_TICK);
+                    signals.try_recv().ok()
+                }
+                _ => {
+                    urgent_until = None;
+                    signals.recv_timeout(REFRESH).ok()
+                }
+            };
             while let Some((slot, signal)) = next {
                 let pd = slot as i32;
                 if cp.is_online(pd) {
                     for command in commands(&cp, pd, &signal) {
-                        if let Err(e) = cp.send_command(pd, command) {
-                            tracing::warn!(reader = %bus.readers.get(slot).map_or("?", |r| r.name.as_str()), "OSDP command not queued: {e}");
+                        match cp.send_command(pd, command) {
+                            Ok(()) => urgent_until = Some(Instant::now() + URGENT),
+                            Err(e) => {
+                                tracing::warn!(reader = %bus.readers.get(slot).map_or("?", |r| r.name.as_str()), "OSDP command not queued: {e}")
+                            }
                         }
                     }
                 }
@@ -565,6 +584,25 @@ pub fn run(bus: Bus, signals: Receiver<(usize, Signal)>, stop: CancellationToken
         drop(cp);
         sleep_unless(&stop, backoff);
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Waits until `fd` has input or `timeout` passes (a line that hung up is waited on as
+/// a plain sleep; the next refresh finds out).
+fn wait_readable(fd: i32, timeout: Duration) {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: one valid pollfd and a valid timespec; no signal mask.
+    let n = unsafe { libc::ppoll(&mut p, 1, &t, std::ptr::null()) };
+    if n > 0 && p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+        std::thread::sleep(timeout);
     }
 }
 

@@ -149,23 +149,35 @@ impl Store {
             });
         }
         // sled panics on some foreign files; never let that reach the operator as a panic.
-        let opened = std::panic::catch_unwind(|| {
-            sled::Config::new()
-                .path(&db_path)
-                .cache_capacity(64 * 1024 * 1024)
-                // No background flusher: the outbox log makes taps durable and its
-                // checkpoints flush sled (a flusher thread would keep the disk busy with
-                // sync_file_range beside every commit).
-                .flush_every_ms(None)
-                .open()
-        });
-        let db = match opened {
-            Ok(r) => r.map_err(|e| StoreError::from_sled(dir, e))?,
-            Err(_) => {
-                return Err(StoreError::Corrupt {
+        let open = || {
+            let opened = std::panic::catch_unwind(|| {
+                sled::Config::new()
+                    .path(&db_path)
+                    .cache_capacity(64 * 1024 * 1024)
+                    // No background flusher: the outbox log makes taps durable and its
+                    // checkpoints flush sled (a flusher thread would keep the disk busy
+                    // with sync_file_range beside every commit).
+                    .flush_every_ms(None)
+                    .open()
+            });
+            match opened {
+                Ok(r) => r.map_err(|e| StoreError::from_sled(dir, e)),
+                Err(_) => Err(StoreError::Corrupt {
                     dir: dir.to_path_buf(),
                     detail: "sled could not make sense of its files".into(),
-                })
+                }),
+            }
+        };
+        // A database just closed in this process can hold its lock a moment longer (sled's
+        // I/O threads finish after the handle is dropped): try again briefly before
+        // saying that someone else holds it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        let db = loop {
+            match open() {
+                Err(StoreError::InUse(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
             }
         };
         let tree = |name: &str| {

@@ -381,6 +381,8 @@ impl Pipeline {
                             if *was_announced {
                                 continue; // its decision went out while the disk was full
                             }
+                            // For benches/osdp.rs: the moment the tap is durable.
+                            tracing::trace!(target: "id06d::durable", card = %e.card_uid, "durable");
                             // The worker at the reader first: green means recorded.
                             if let Some(f) = feedback.iter().find(|f| f.reader == e.reader) {
                                 f.sender.send(signal_for(e, f.door));
