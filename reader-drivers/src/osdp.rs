@@ -14,14 +14,14 @@
 //!   that send the UID's bytes in reverse order are configured with `reversed`.
 //! - online → health `ok`; no answer at its address → `absent`; answers on the line but no
 //!   session while a secure channel key is configured → `failed`, naming the key file
-//!   (libosdp tries again after five minutes); tamper and power reports → the reader's
+//!   (libosdp tries again every 5 s, see `.cargo/config.toml`); tamper and power reports → the reader's
 //!   `last_error`.
 //! - the line itself gone (adapter unplugged) → `absent` for every reader on it, and the
 //!   line is opened again with a back-off.
 //!
 //! What it is told ([`Signal`]): the LED, the buzzer, a text on the display where the reader
 //! has one, and a timed output (the door) — each sent only when the reader declared the
-//! capability (a command a PD refuses makes libosdp drop the PD for five minutes).
+//! capability (a command a PD refuses makes libosdp drop the PD and try it again later).
 
 use crate::feedback::Signal;
 use crate::{Observation, ReaderSink, Report};
@@ -507,7 +507,7 @@ pub fn run(bus: Bus, signals: Receiver<(usize, Signal)>, stop: CancellationToken
             backoff = Duration::from_millis(250);
             // Something answered on this line since it was opened, and no reader on it has
             // come online: a reader that answers but does not come online refuses the key.
-            // (libosdp then waits five minutes before it tries again, so "answered" must
+            // (libosdp then waits before it tries again, so "answered" must
             // not mean "answered lately".)
             // Once a reader was online, a silence is a reader gone, not a key refused.
             ever_online |= (0..bus.readers.len()).any(|i| cp.is_online(i as i32));
@@ -536,7 +536,7 @@ pub fn run(bus: Bus, signals: Receiver<(usize, Signal)>, stop: CancellationToken
                         (Some((_, file)), true) => Health(
                             ReaderState::Failed,
                             Some(format!(
-                                "the reader at OSDP address {} answers but refuses the secure channel: the key in {} is not its key (tried again every 5 minutes)",
+                                "the reader at OSDP address {} answers but refuses the secure channel: the key in {} is not its key (tried again every few seconds)",
                                 r.address,
                                 file.display()
                             )),

@@ -317,3 +317,155 @@ fn with_the_broker_away_the_osdp_reader_still_shows_green_and_opens_the_door() {
     let (depth, last_seq) = outbox_stats(&config);
     assert_eq!((depth, last_seq), (1, 1));
 }
+
+/// A reader unplugged and plugged back in, the way a USB serial adapter's
+/// `/dev/serial/by-id/…` link comes back pointing at a new device: `absent` while it is
+/// away, `ok` again with a fresh secure channel once it is back, and its taps and feedback
+/// go on.
+#[test]
+fn an_osdp_reader_unplugged_and_plugged_back_is_absent_then_online_and_taps_again() {
+    let dir = scratch();
+    let broker = broker(dir.path());
+    let link = dir.path().join("usb-gate-reader");
+    let first = Reader::start(0, Some(key())).expect("an OSDP reader on a pty");
+    std::os::unix::fs::symlink(first.path(), &link).unwrap();
+    std::fs::write(dir.path().join("gate.scbk"), KEY).unwrap();
+    let config = TestConfig::write(
+        dir.path(),
+        &broker.url(),
+        &format!(
+            "[[reader]]\nname = \"gate\"\nkind = \"osdp\"\npath = \"{}\"\nscbk_file = \"gate.scbk\"\ndirection = \"in\"\n",
+            link.display()
+        ),
+    );
+    let p = config.base();
+    let topic = format!("{p}/reader/gate");
+    let sub = Subscriber::start(
+        broker.port,
+        "ledger-replug",
+        &[&format!("{p}/event"), &topic],
+    );
+    let mut daemon = Daemon::start(&config);
+    wait_for("the reader online", Duration::from_secs(30), || {
+        reader_state(&sub, &topic).0 == "ok"
+    });
+    first.present(&GRANTED);
+    wait_for("the first tap", Duration::from_secs(20), || {
+        sub.events(&format!("{p}/event")).len() == 1
+    });
+
+    drop(first);
+    wait_for("the reader absent", Duration::from_secs(20), || {
+        reader_state(&sub, &topic).0 == "absent"
+    });
+    let second = Reader::start(0, Some(key())).expect("the reader back");
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(second.path(), &link).unwrap();
+    wait_for("the reader online again", Duration::from_secs(30), || {
+        reader_state(&sub, &topic).0 == "ok"
+    });
+    let device = sub.last_json(&topic).unwrap()["device"].clone();
+    assert!(
+        device.as_str().unwrap_or("").contains("secure channel"),
+        "{device}"
+    );
+    let before = second.received().len();
+    second.present(&BLOCKED);
+    wait_for("the tap after the replug", Duration::from_secs(20), || {
+        sub.events(&format!("{p}/event")).len() == 2
+    });
+    let events = sub.events(&format!("{p}/event"));
+    assert_eq!(events[1].card_uid.to_string(), "04B10C4ED0000B");
+    wait_for("its feedback", Duration::from_secs(20), || {
+        !feedback(&second, before).is_empty()
+    });
+    assert!(daemon.is_running());
+    assert_eq!(daemon.terminate(), Some(0));
+}
+
+/// A reader that sends the UID's bytes last first (`reversed = true`), and cards presented
+/// in quick succession: each read is one tap, with the UID the right way round, in order.
+#[test]
+fn cards_read_in_quick_succession_at_a_reversed_osdp_reader_are_each_one_tap_in_order() {
+    let reader = Reader::start(0, None).expect("an OSDP reader on a pty");
+    let dir = scratch();
+    let broker = broker(dir.path());
+    let config = TestConfig::write(
+        dir.path(),
+        &broker.url(),
+        &format!(
+            "[[reader]]\nname = \"gate\"\nkind = \"osdp\"\npath = \"{}\"\nreversed = true\ndirection = \"in\"\n",
+            reader.path().display()
+        ),
+    );
+    let p = config.base();
+    let topic = format!("{p}/reader/gate");
+    let sub = Subscriber::start(
+        broker.port,
+        "ledger-reversed",
+        &[&format!("{p}/event"), &topic],
+    );
+    let mut daemon = Daemon::start(&config);
+    wait_for("the reader online", Duration::from_secs(30), || {
+        reader_state(&sub, &topic).0 == "ok"
+    });
+    let cards: Vec<[u8; 7]> = (0..8u8)
+        .map(|i| [0x04, 0x5A, 0x11, 0x22, 0x33, 0x44, 0x10 + i])
+        .collect();
+    for c in &cards {
+        let mut sent = *c;
+        sent.reverse();
+        reader.present(&sent);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_for("eight taps", Duration::from_secs(20), || {
+        sub.events(&format!("{p}/event")).len() >= 8
+    });
+    let got: Vec<String> = sub
+        .events(&format!("{p}/event"))
+        .iter()
+        .map(|e| e.card_uid.to_string())
+        .collect();
+    let want: Vec<String> = cards
+        .iter()
+        .map(|c| c.iter().map(|b| format!("{b:02X}")).collect())
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(daemon.terminate(), Some(0));
+}
+
+/// A reader that loses power on a line that stays open (an RS-485 bus, a reader rebooted):
+/// `absent` while it is silent, and back `ok` with a new secure channel within seconds of
+/// its return — not after libosdp's default five minutes — and its cards are taps again.
+#[test]
+fn an_osdp_reader_that_reboots_on_an_open_line_is_back_within_seconds() {
+    let reader = Reader::start(0, Some(key())).expect("an OSDP reader on a pty");
+    let dir = scratch();
+    let broker = broker(dir.path());
+    let config = osdp_config(dir.path(), &broker.url(), &reader, KEY);
+    let p = config.base();
+    let topic = format!("{p}/reader/gate");
+    let sub = Subscriber::start(
+        broker.port,
+        "ledger-reboot",
+        &[&format!("{p}/event"), &topic],
+    );
+    let mut daemon = Daemon::start(&config);
+    wait_for("the reader online", Duration::from_secs(30), || {
+        reader_state(&sub, &topic).0 == "ok"
+    });
+    // Off long enough for libosdp to give the reader up (8 unanswered polls, ~9 s).
+    reader.power_cycle(Duration::from_secs(12));
+    wait_for("the reader absent", Duration::from_secs(30), || {
+        reader_state(&sub, &topic).0 == "absent"
+    });
+    // Back within the 12 s off + 5 s retry + the handshake (libosdp's own default: 300 s).
+    wait_for("the reader online again", Duration::from_secs(25), || {
+        reader_state(&sub, &topic).0 == "ok"
+    });
+    reader.present(&GRANTED);
+    wait_for("a tap after the reboot", Duration::from_secs(20), || {
+        sub.events(&format!("{p}/event")).len() == 1
+    });
+    assert_eq!(daemon.terminate(), Some(0));
+}

@@ -7,7 +7,9 @@ use tokio_util::sync::CancellationToken;
 
 /// `id06d run`: the daemon, until SIGTERM or SIGINT.
 pub(super) fn run(config: &Path) -> Result<(), Failure> {
-    init_logging("info");
+    // libosdp's own lines repeat what the reader's state says, every few seconds while a
+    // reader is away (RUST_LOG=info,libosdp=debug shows them).
+    init_logging("info,libosdp=off");
     let config = load_config(config)?;
     let rt = tokio_runtime()?;
     rt.block_on(async {

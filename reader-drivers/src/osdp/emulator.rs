@@ -23,6 +23,7 @@ pub struct Received {
 }
 
 enum Ask {
+    PowerCycle(Duration),
     Card(Vec<u8>),
     Wiegand(Vec<u8>, usize),
     Status { tamper: bool, power_failure: bool },
@@ -121,6 +122,12 @@ fn pty() -> std::io::Result<(i32, i32, PathBuf)> {
     }
     raw_nonblocking(master);
     raw_nonblocking(slave);
+    // Not inherited by the processes a test starts (a daemon holding a copy of the master
+    // would keep the line alive after the reader is unplugged).
+    for fd in [master, slave] {
+        // SAFETY: `fd` is open.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     // SAFETY: `master` is an open pty master.
     let name = unsafe { libc::ptsname(master) };
     if name.is_null() {
@@ -232,58 +239,90 @@ impl Drop for Line {
     }
 }
 
+/// The reader's OSDP side on `master`: its identity, capabilities and key, and a command
+/// callback that records what it is told.
+fn peripheral(
+    address: u8,
+    key: Option<[u8; 16]>,
+    master: i32,
+    received: Arc<Mutex<Vec<Received>>>,
+    status: Arc<Mutex<(bool, bool)>>,
+) -> std::io::Result<PeripheralDevice> {
+    let mut info = PdInfoBuilder::new()
+        .address(i32::from(address))
+        .and_then(|b| b.baud_rate(9600))
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+        .id(&PdId::from_number(address))
+        .capability(PdCapability::CommunicationSecurity(PdCapEntity::new(1, 1)))
+        .capability(PdCapability::CardDataFormat(PdCapEntity::new(1, 0)))
+        .capability(PdCapability::Readers(PdCapEntity::new(0, 1)))
+        .capability(PdCapability::OutputControl(PdCapEntity::new(1, 1)))
+        .capability(PdCapability::LedControl(PdCapEntity::new(1, 1)))
+        .capability(PdCapability::AudibleOutput(PdCapEntity::new(1, 1)))
+        .capability(PdCapability::TextOutput(PdCapEntity::new(1, 1)));
+    if let Some(k) = key {
+        info = info.flag(OsdpFlag::EnforceSecure).secure_channel_key(k);
+    }
+    let mut pd = PeripheralDevice::new(info, Box::new(Master(master)))
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    pd.set_command_callback(move |cmd: &mut OsdpCommand| {
+        if let OsdpCommand::Status(s) = cmd {
+            let (tamper, power) = *status.lock().unwrap_or_else(|e| e.into_inner());
+            s.nr_entries = 2;
+            s.report[0] = u8::from(tamper);
+            s.report[1] = u8::from(power);
+        }
+        received
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Received {
+                at: Instant::now(),
+                command: cmd.clone(),
+            });
+        0
+    });
+    Ok(pd)
+}
+
 impl Reader {
     /// A reader at `address`, with `key` as its secure channel base key (none: it accepts
     /// a line in the clear), that can drive a door output, an LED, a buzzer and a display.
     pub fn start(address: u8, key: Option<[u8; 16]>) -> std::io::Result<Reader> {
         let (master, slave, path) = pty()?;
-        let mut info = PdInfoBuilder::new()
-            .address(i32::from(address))
-            .and_then(|b| b.baud_rate(9600))
-            .map_err(|e| std::io::Error::other(e.to_string()))?
-            .id(&PdId::from_number(address))
-            .capability(PdCapability::CommunicationSecurity(PdCapEntity::new(1, 1)))
-            .capability(PdCapability::CardDataFormat(PdCapEntity::new(1, 0)))
-            .capability(PdCapability::Readers(PdCapEntity::new(0, 1)))
-            .capability(PdCapability::OutputControl(PdCapEntity::new(1, 1)))
-            .capability(PdCapability::LedControl(PdCapEntity::new(1, 1)))
-            .capability(PdCapability::AudibleOutput(PdCapEntity::new(1, 1)))
-            .capability(PdCapability::TextOutput(PdCapEntity::new(1, 1)));
-        if let Some(k) = key {
-            info = info.flag(OsdpFlag::EnforceSecure).secure_channel_key(k);
-        }
-        let mut pd = PeripheralDevice::new(info, Box::new(Master(master)))
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
         let received = Arc::new(Mutex::new(Vec::new()));
         let status = Arc::new(Mutex::new((false, false)));
-        {
+        let boot = {
             let (received, status) = (received.clone(), status.clone());
-            pd.set_command_callback(move |cmd: &mut OsdpCommand| {
-                if let OsdpCommand::Status(s) = cmd {
-                    let (tamper, power) = *status.lock().unwrap_or_else(|e| e.into_inner());
-                    s.nr_entries = 2;
-                    s.report[0] = u8::from(tamper);
-                    s.report[1] = u8::from(power);
-                }
-                received
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(Received {
-                        at: Instant::now(),
-                        command: cmd.clone(),
-                    });
-                0
-            });
-        }
+            move || peripheral(address, key, master, received.clone(), status.clone())
+        };
+        let mut pd = Some(boot()?);
         let (asks, rx): (Sender<Ask>, Receiver<Ask>) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Acquire) {
-                    pd.refresh();
+                    if let Some(pd) = pd.as_mut() {
+                        pd.refresh();
+                    }
                     while let Ok(ask) = rx.try_recv() {
                         let event = match ask {
+                            Ask::PowerCycle(off) => {
+                                // Off: no answers, whatever comes in is lost; then a fresh
+                                // start (no session, like a reader that rebooted).
+                                drop(pd.take());
+                                let until = Instant::now() + off;
+                                let mut sink = [0u8; 256];
+                                while Instant::now() < until && !stop.load(Ordering::Acquire) {
+                                    // SAFETY: valid buffer; our descriptor.
+                                    unsafe {
+                                        libc::read(master, sink.as_mut_ptr().cast(), sink.len())
+                                    };
+                                    std::thread::sleep(Duration::from_millis(1));
+                                }
+                                pd = boot().ok();
+                                continue;
+                            }
                             Ask::Card(uid) => OsdpEvent::CardRead(OsdpEventCardRead::new_raw(uid)),
                             Ask::Wiegand(data, bits) => {
                                 match OsdpEventCardRead::new_wiegand(bits, data) {
@@ -307,7 +346,9 @@ impl Reader {
                                 })
                             }
                         };
-                        let _ = pd.notify_event(event);
+                        if let Some(pd) = pd.as_mut() {
+                            let _ = pd.notify_event(event);
+                        }
                     }
                     // Like a reader's microcontroller, answer as soon as a command is in
                     // (a fixed sleep here would add up to a millisecond to every exchange).
@@ -331,6 +372,12 @@ impl Reader {
     /// The device the daemon opens.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Switches the reader off for `off` (the line stays: it just stops answering) and
+    /// on again, as a reader that lost power or rebooted.
+    pub fn power_cycle(&self, off: Duration) {
+        let _ = self.asks.send(Ask::PowerCycle(off));
     }
 
     /// Presents a card: one card read with `uid`'s bytes as raw data.
