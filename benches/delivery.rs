@@ -11,8 +11,9 @@
 //!   against raw rumqttc QoS 1 publishing of the same payloads without persistence.
 //!   Goal: at least half the raw rate.
 //! - `idle cost`: CPU and resident memory of the `id06d` binary with four simulated readers
-//!   polling every 100 ms (`ID06D_IDLE_SECS`, default 60). Goal: under 1 % of a core and
-//!   under 30 MB.
+//!   polling every 100 ms, and with one OSDP reader online (`ID06D_IDLE_SECS`, default 60;
+//!   `ID06D_IDLE_OTHER=path` adds another build with the four simulated readers). Goal:
+//!   under 1 % of a core and under 30 MB.
 //!
 //! Run: `cargo bench -p id06d --bench delivery`.
 
@@ -402,57 +403,51 @@ fn main() {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(60);
-        let dir = work.path().join("idle");
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut readers = String::new();
-        for r in 0..4 {
-            std::fs::write(dir.join(format!("r{r}.txt")), "at 0 absent\n").unwrap();
-            readers.push_str(&format!("[[reader]]\nname = \"r{r}\"\nkind = \"simulated\"\nscript = \"r{r}.txt\"\npoll_ms = 100\ndirection = \"in\"\n"));
-        }
-        let cfg = config(&dir, broker.port, &readers);
         let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/id06d");
         if binary.exists() {
-            let mut child = std::process::Command::new(&binary)
-                .args(["run", "--config"])
-                .arg(&cfg.source)
-                .env("RUST_LOG", "warn")
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            std::thread::sleep(Duration::from_secs(3)); // start-up is not idle time
-            let ticks = |pid: u32| -> u64 {
-                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-                let fields: Vec<&str> = stat
-                    .rsplit(')')
-                    .next()
-                    .unwrap()
-                    .split_whitespace()
-                    .collect();
-                fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-            };
-            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-            let start_ticks = ticks(child.id());
-            let t0 = Instant::now();
-            std::thread::sleep(Duration::from_secs(secs));
-            let cpu = (ticks(child.id()) - start_ticks) as f64 / hz;
-            let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-            let kb = |key: &str| {
-                status
-                    .lines()
-                    .find(|l| l.starts_with(key))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            report.push(format!(
-            "idle with 4 readers polling at 100 ms for {} s: CPU {:.2} % of one core, RSS {:.1} MB (peak {:.1} MB) (goals < 1 %, < 30 MB)",
-            secs,
-            cpu / t0.elapsed().as_secs_f64() * 100.0,
-            kb("VmRSS:") as f64 / 1024.0,
-            kb("VmHWM:") as f64 / 1024.0
-        ));
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
+            let mut simulated = String::new();
+            for r in 0..4 {
+                simulated.push_str(&format!("[[reader]]\nname = \"r{r}\"\nkind = \"simulated\"\nscript = \"r{r}.txt\"\npoll_ms = 100\ndirection = \"in\"\n"));
+            }
+            let mut runs: Vec<(String, std::path::PathBuf, String)> = vec![(
+                "id06d, 4 simulated readers polling at 100 ms".into(),
+                binary.clone(),
+                simulated.clone(),
+            )];
+            if let Some(other) = std::env::var_os("ID06D_IDLE_OTHER") {
+                runs.push((
+                    format!(
+                        "other build {}, 4 simulated readers",
+                        Path::new(&other).display()
+                    ),
+                    other.into(),
+                    simulated,
+                ));
+            }
+            // One OSDP reader (the emulated reader runs in this process, not the daemon's).
+            let osdp = id06_readers::osdp::emulator::Reader::start(0, None).ok();
+            if let Some(r) = &osdp {
+                runs.push((
+                    "id06d, 1 OSDP reader online (secure channel off), line at 9600".into(),
+                    binary.clone(),
+                    format!(
+                        "[[reader]]\nname = \"gate\"\nkind = \"osdp\"\npath = \"{}\"\ndirection = \"in\"\n",
+                        r.path().display()
+                    ),
+                ));
+            }
+            for (i, (name, bin, readers)) in runs.iter().enumerate() {
+                let dir = work.path().join(format!("idle{i}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                for r in 0..4 {
+                    std::fs::write(dir.join(format!("r{r}.txt")), "at 0 absent\n").unwrap();
+                }
+                let cfg = config(&dir, broker.port, readers);
+                let (cpu, rss, peak) = idle_cost(bin, &cfg.source, secs);
+                report.push(format!(
+                    "idle, {name}, {secs} s: CPU {cpu:.2} % of one core, RSS {rss:.1} MB (peak {peak:.1} MB) (goals < 1 %, < 30 MB)"
+                ));
+            }
         } else {
             report.push(format!("idle cost not measured: build the release binary first ({} missing; cargo build --release -p id06d)", binary.display()));
         }
@@ -462,4 +457,58 @@ fn main() {
     for line in report {
         println!("{line}");
     }
+}
+
+/// CPU (% of one core) and RSS/peak RSS (MB) of `binary` running `config` for `secs`
+/// seconds after a 3-second start.
+fn idle_cost(binary: &Path, config: &Path, secs: u64) -> (f64, f64, f64) {
+    let mut child = std::process::Command::new(binary)
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start id06d");
+    std::thread::sleep(Duration::from_secs(3)); // start-up is not idle time
+    let ticks = |pid: u32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        field(11) + field(12)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let start_ticks = ticks(child.id());
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(secs));
+    let cpu = ticks(child.id()).saturating_sub(start_ticks) as f64 / hz;
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let kb = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0) as f64
+            / 1024.0
+    };
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    (
+        cpu / t0.elapsed().as_secs_f64() * 100.0,
+        kb("VmRSS:"),
+        kb("VmHWM:"),
+    )
 }

@@ -23,7 +23,7 @@
 //! has one, and a timed output (the door) — each sent only when the reader declared the
 //! capability (a command a PD refuses makes libosdp drop the PD and try it again later).
 
-use crate::feedback::Signal;
+use crate::feedback::{Signal, Signals};
 use crate::{Observation, ReaderSink, Report};
 use id06_protocol::{CardUid, ReaderState};
 /// The OSDP library, for callers that look at commands (the emulator's users).
@@ -35,13 +35,14 @@ use libosdp::{
 };
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// How often the control panel is driven (libosdp needs at most 50 ms; less is faster).
-const REFRESH: Duration = Duration::from_millis(2);
+/// How long the line's thread sleeps at most when nothing happens (it wakes at once for
+/// a reader's answer or a signal): libosdp polls each reader every 50 ms, so a poll goes
+/// out at most this late.
+const REFRESH: Duration = Duration::from_millis(5);
 /// After a command is queued, how long the line is watched for the end of the exchange in
 /// flight (so that the command goes out the moment the line is free, not at the next
 /// tick), and how often signals are looked at meanwhile.
@@ -403,7 +404,21 @@ fn commands(cp: &ControlPanel, pd: i32, signal: &Signal) -> Vec<OsdpCommand> {
 /// Runs the line until `stop`: opens it (again, with a back-off, whenever it fails),
 /// drives the control panel, reports what the readers say, sends them `signals`.
 /// Blocking: run it on a thread of its own.
-pub fn run(bus: Bus, signals: Receiver<(usize, Signal)>, stop: CancellationToken) {
+pub fn run(bus: Bus, signals: Signals, stop: CancellationToken) {
+    // A signal rings this bell, so that the thread can wait on the line and the bell
+    // together: it sleeps until the reader answers, a signal comes, or libosdp's next
+    // poll is due.
+    let bell = match Bell::new() {
+        Ok(b) => Arc::new(b),
+        Err(e) => {
+            tracing::error!(line = %bus.path.display(), "cannot set up the OSDP line's wake-up pipe: {e}");
+            return;
+        }
+    };
+    {
+        let bell = bell.clone();
+        signals.set_waker(move || bell.ring());
+    }
     let mut health: Vec<Option<Health>> = vec![None; bus.readers.len()];
     let mut backoff = Duration::from_millis(250);
     let line_id = {
@@ -481,6 +496,7 @@ pub fn run(bus: Bus, signals: Receiver<(usize, Signal)>, stop: CancellationToken
         let opened = Instant::now();
         let mut ever_online = false;
         let mut urgent_until: Option<Instant> = None;
+        let (mut line_was_readable, mut consumed_before) = (false, 0u64);
         loop {
             if stop.is_cancelled() {
                 return;
@@ -556,16 +572,25 @@ pub fn run(bus: Bus, signals: Receiver<(usize, Signal)>, stop: CancellationToken
             // Wait for the next refresh, or for a signal: a decision's feedback goes on the
             // wire at once, not at the next tick. While commands wait for an exchange in
             // flight to end, wait for the line's answer instead.
-            let mut next = match urgent_until {
-                Some(until) if Instant::now() < until => {
-                    wait_readable(fd, URGENT_TICK);
-                    signals.try_recv().ok()
-                }
+            let wait = match urgent_until {
+                Some(until) if Instant::now() < until => URGENT_TICK,
                 _ => {
                     urgent_until = None;
-                    signals.recv_timeout(REFRESH).ok()
+                    REFRESH
                 }
             };
+            // Input that libosdp left unread (noise while it expects nothing) would make the
+            // line look readable for ever: then wait on the bell alone until it reads.
+            let consumed = bytes_in.load(Ordering::Relaxed);
+            let watch = if line_was_readable && consumed == consumed_before {
+                -1
+            } else {
+                fd
+            };
+            consumed_before = consumed;
+            line_was_readable = wait_readable(watch, bell.fd(), wait);
+            bell.quiet();
+            let mut next = signals.try_recv();
             while let Some((slot, signal)) = next {
                 let pd = slot as i32;
                 if cp.is_online(pd) {
@@ -578,7 +603,7 @@ pub fn run(bus: Bus, signals: Receiver<(usize, Signal)>, stop: CancellationToken
                         }
                     }
                 }
-                next = signals.try_recv().ok();
+                next = signals.try_recv();
             }
         }
         drop(cp);
@@ -587,22 +612,79 @@ pub fn run(bus: Bus, signals: Receiver<(usize, Signal)>, stop: CancellationToken
     }
 }
 
-/// Waits until `fd` has input or `timeout` passes (a line that hung up is waited on as
-/// a plain sleep; the next refresh finds out).
-fn wait_readable(fd: i32, timeout: Duration) {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
+/// Waits until the line `fd` has input, the bell `bell` rang, or `timeout` passes (a
+/// line that hung up is waited on as a plain sleep; the next refresh finds out; a
+/// negative `fd` is not watched). Returns whether the line has input.
+fn wait_readable(fd: i32, bell: i32, timeout: Duration) -> bool {
+    let mut p = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: bell,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
     let t = libc::timespec {
-        tv_sec: 0,
+        tv_sec: timeout.as_secs() as libc::time_t,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
     };
-    // SAFETY: one valid pollfd and a valid timespec; no signal mask.
-    let n = unsafe { libc::ppoll(&mut p, 1, &t, std::ptr::null()) };
-    if n > 0 && p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
-        std::thread::sleep(timeout);
+    // SAFETY: two valid pollfds and a valid timespec; no signal mask.
+    let n = unsafe { libc::ppoll(p.as_mut_ptr(), 2, &t, std::ptr::null()) };
+    let hung_up = p[0].revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0;
+    if n > 0 && hung_up && p[1].revents & libc::POLLIN == 0 {
+        std::thread::sleep(timeout.min(URGENT_TICK * 4));
+    }
+    n > 0 && p[0].revents & libc::POLLIN != 0
+}
+
+/// A non-blocking pipe that wakes the line's thread.
+struct Bell {
+    read: i32,
+    write: i32,
+}
+
+impl Bell {
+    fn new() -> std::io::Result<Bell> {
+        let mut fds = [0i32; 2];
+        // SAFETY: `fds` has room for the two descriptors.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Bell {
+            read: fds[0],
+            write: fds[1],
+        })
+    }
+
+    fn fd(&self) -> i32 {
+        self.read
+    }
+
+    /// Wakes the thread (a full pipe already will).
+    fn ring(&self) {
+        // SAFETY: one byte from a valid buffer to our descriptor.
+        unsafe { libc::write(self.write, [1u8].as_ptr().cast(), 1) };
+    }
+
+    /// Empties the pipe.
+    fn quiet(&self) {
+        let mut buf = [0u8; 64];
+        // SAFETY: valid buffer; our non-blocking descriptor.
+        while unsafe { libc::read(self.read, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    }
+}
+
+impl Drop for Bell {
+    fn drop(&mut self) {
+        // SAFETY: our descriptors, closed once.
+        unsafe {
+            libc::close(self.read);
+            libc::close(self.write);
+        }
     }
 }
 

@@ -3,10 +3,9 @@
 //! that share a `path`), all reporting into one bounded channel.
 
 use crate::config::{DriverSettings, FeedbackMode, ReaderSettings};
-use id06_readers::feedback::{self, Signal, SignalSender};
+use id06_readers::feedback::{self, SignalSender};
 use id06_readers::osdp::{self, Bus, BusReader};
 use id06_readers::{simulated, CancellationToken, ReaderMessage, ReaderSink};
-use std::sync::mpsc::Receiver;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -23,7 +22,7 @@ pub struct ReaderFeedback {
 
 /// The OSDP lines of the configuration, ready to start.
 pub struct OsdpLines {
-    lines: Vec<(Bus, Receiver<(usize, Signal)>)>,
+    lines: Vec<(Bus, feedback::Signals)>,
     /// The readers that take feedback.
     pub feedback: Vec<ReaderFeedback>,
 }

@@ -285,7 +285,7 @@ pub async fn run(
 #[derive(Debug, Clone)]
 pub struct PcscFeedback {
     /// The signals for this reader.
-    pub signals: Arc<Mutex<std::sync::mpsc::Receiver<(usize, crate::feedback::Signal)>>>,
+    pub signals: Arc<Mutex<crate::feedback::Signals>>,
     /// Send them whatever the reader's name (`feedback = "acr122"`); otherwise only to a
     /// reader whose PC/SC name contains "ACR122".
     pub force: bool,

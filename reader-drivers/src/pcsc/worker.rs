@@ -82,7 +82,7 @@ impl Worker {
         let Some(f) = &self.feedback else { return };
         let signals: Vec<crate::feedback::Signal> = {
             let rx = f.signals.lock().unwrap_or_else(|e| e.into_inner());
-            std::iter::from_fn(|| rx.try_recv().ok().map(|(_, s)| s)).collect()
+            std::iter::from_fn(|| rx.try_recv().map(|(_, s)| s)).collect()
         };
         if signals.is_empty() {
             return;
