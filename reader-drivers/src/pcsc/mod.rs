@@ -300,6 +300,21 @@ pub async fn run_with_feedback(
     feedback: Option<PcscFeedback>,
 ) -> Result<(), SinkClosed> {
     let shared = Arc::new(Shared::new());
+    if let Some(f) = &feedback {
+        // A signal cancels the worker's wait on pcscd, so that the feedback goes to the
+        // reader now, not at the end of the wait (up to `wait_slice`). A signal that comes
+        // between two waits is sent at the next one.
+        let shared = shared.clone();
+        f.signals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_waker(move || {
+                let context = shared.context.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(c) = context.as_ref() {
+                    let _ = c.cancel();
+                }
+            });
+    }
     let mut restart_pause = Duration::from_secs(1);
     loop {
         let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
