@@ -614,8 +614,9 @@ pub fn run(bus: Bus, signals: Signals, stop: CancellationToken) {
 
 /// Waits until the line `fd` has input, the bell `bell` rang, or `timeout` passes (a
 /// line that hung up is waited on as a plain sleep; the next refresh finds out; a
-/// negative `fd` is not watched). Returns whether the line has input.
-fn wait_readable(fd: i32, bell: i32, timeout: Duration) -> bool {
+/// negative `fd` or `bell` is not watched). Returns whether the line has input. (The
+/// emulated reader waits on its end of the pty with it too.)
+pub(crate) fn wait_readable(fd: i32, bell: i32, timeout: Duration) -> bool {
     let mut p = [
         libc::pollfd {
             fd,

@@ -67,6 +67,20 @@ pub enum WholeError {
     Store(#[from] StoreError),
 }
 
+impl WholeError {
+    /// As a storage error (for writes whose chunks are never refused: a slice, the index
+    /// in force).
+    fn into_store(self, dir: &Path) -> StoreError {
+        match self {
+            WholeError::Store(e) => e,
+            WholeError::Refused(detail) => StoreError::Corrupt {
+                dir: dir.to_path_buf(),
+                detail,
+            },
+        }
+    }
+}
+
 /// The index of a whole write: built from the cards as they are written, or one already
 /// built (a compaction writes out the index in force).
 #[derive(Clone, Copy)]
@@ -354,12 +368,7 @@ impl Blocklist {
     }
 
     fn generation(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .meta
-            .get(GENERATION)
-            .map_err(|e| self.err(e))?
-            .and_then(|v| decode_u64(&v))
-            .unwrap_or(0))
+        Ok(self.meta_u64(GENERATION)?.unwrap_or(0))
     }
 
     /// Whether the index was read from the saved file at open (rather than rebuilt).
@@ -408,28 +417,28 @@ impl Blocklist {
     fn move_base_out_of_sled(&self) -> Result<(), StoreError> {
         let _deltas = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let index = self.index();
+        let now = index.confirmed_at.unwrap_or(UtcMillis(0));
+        self.rewrite(&index, now)
+            .map_err(|e| e.into_store(&self.dir))?;
+        tracing::info!(
+            cards = index.len(),
+            "the stored blocklist moved to {} (written by an earlier version inside the database)",
+            self.base_path(self.generation()?).display()
+        );
+        Ok(())
+    }
+
+    /// Writes `index` (the list in force) whole as a new generation, streamed from the
+    /// index itself (the writer lock held).
+    fn rewrite(&self, index: &BlocklistIndex, now: UtcMillis) -> Result<(), WholeError> {
         let mut all = index.entries.iter();
         let mut chunks = std::iter::from_fn(|| {
             let chunk: Vec<_> = all.by_ref().take(BLOB_CARDS).collect();
             (!chunk.is_empty()).then_some(Ok(chunk))
         });
         let given = IndexOf::Given(&index.entries);
-        let now = index.confirmed_at.unwrap_or(UtcMillis(0));
-        match self.write_whole(&mut chunks, given, index.version, now, &mut |_| {}) {
-            Ok(_) => {
-                tracing::info!(
-                    cards = index.len(),
-                    "the stored blocklist moved to {} (written by an earlier version inside the database)",
-                    self.base_path(self.generation()?).display()
-                );
-                Ok(())
-            }
-            Err(WholeError::Store(e)) => Err(e),
-            Err(WholeError::Refused(why)) => Err(StoreError::Corrupt {
-                dir: self.dir.clone(),
-                detail: why,
-            }),
-        }
+        self.write_whole(&mut chunks, given, index.version, now, &mut |_| {})
+            .map(|_| ())
     }
 
     /// The base's index: read from the saved file when it is the one recorded for this
@@ -577,15 +586,8 @@ impl Blocklist {
         mut progress: impl FnMut(usize),
     ) -> Result<(), StoreError> {
         let mut chunks = entries.chunks(BLOB_CARDS).map(|c| Ok(c.to_vec()));
-        match self.replace_from(&mut chunks, entries.len(), version, now, &mut progress) {
-            Ok(()) => Ok(()),
-            Err(WholeError::Store(e)) => Err(e),
-            // The chunks of a slice are never refused.
-            Err(WholeError::Refused(why)) => Err(StoreError::Corrupt {
-                dir: self.dir.clone(),
-                detail: why,
-            }),
-        }
+        self.replace_from(&mut chunks, entries.len(), version, now, &mut progress)
+            .map_err(|e| e.into_store(&self.dir))
     }
 
     /// Replaces the whole list with the cards `chunks` yields, chunk by chunk, as
@@ -793,16 +795,10 @@ impl Blocklist {
             confirmed_at: Some(now),
         };
         if *deltas > self.compact_after {
-            // Fold the changes into a new base, streamed from the index in force; on
-            // failure the changes stay valid as they are.
-            let mut all = next.entries.iter();
-            let mut chunks = std::iter::from_fn(|| {
-                let chunk: Vec<_> = all.by_ref().take(BLOB_CARDS).collect();
-                (!chunk.is_empty()).then_some(Ok(chunk))
-            });
-            let given = IndexOf::Given(&next.entries);
-            match self.write_whole(&mut chunks, given, next.version, now, &mut |_| {}) {
-                Ok(_) => *deltas = 0,
+            // Fold the changes into a new base; on failure the changes stay valid as
+            // they are.
+            match self.rewrite(&next, now) {
+                Ok(()) => *deltas = 0,
                 Err(e) => tracing::warn!("cannot compact the stored blocklist: {e}"),
             }
         }

@@ -394,38 +394,33 @@ impl BlocklistSync {
             // A manifest may announce more cards than were received; size by what is on
             // disk (each card takes at least 6 bytes), not by what it claims.
             let hint = m.cards.min(staged_bytes / 6) as usize;
-            let mut next = 0u32;
-            let mut cards = 0u64;
-            let mut done = false;
-            let mut chunks = std::iter::from_fn(|| {
-                if done {
-                    return None;
-                }
-                if next == m.chunks {
-                    done = true;
-                    return (cards != m.cards).then(|| {
-                        Err(format!(
-                            "the manifest announces {} cards but the chunks hold {cards}",
-                            m.cards
-                        ))
-                    });
-                }
-                let i = next;
-                next += 1;
-                let chunk = read_staged(&staging, &m, i);
-                match &chunk {
-                    Ok(c) => cards += c.len() as u64,
-                    Err(_) => done = true,
-                }
-                Some(chunk)
-            });
+            // Each chunk is checked again as it is read; the card count is checked after
+            // the last one, before anything is switched in (an `Err` stops the write).
+            let cards = std::cell::Cell::new(0u64);
+            let mut chunks = (0..m.chunks)
+                .map(|i| {
+                    read_staged(&staging, &m, i)
+                        .inspect(|c| cards.set(cards.get() + c.len() as u64))
+                })
+                .chain(
+                    std::iter::once_with(|| {
+                        (cards.get() != m.cards).then(|| {
+                            Err(format!(
+                                "the manifest announces {} cards but the chunks hold {}",
+                                m.cards,
+                                cards.get()
+                            ))
+                        })
+                    })
+                    .flatten(),
+                );
             let applied = bl
                 .apply_snapshot_from(m.version, &mut chunks, hint, UtcMillis::now())
                 .map_err(|e| match e {
                     WholeError::Refused(why) => why,
                     WholeError::Store(e) => format!("it could not be stored: {e}"),
                 })?;
-            Ok((applied, cards))
+            Ok((applied, cards.get()))
         })
         .await;
         self.pending = None;

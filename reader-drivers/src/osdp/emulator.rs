@@ -76,21 +76,6 @@ impl Channel for Master {
     }
 }
 
-/// Waits until the pty's master has input, at most `timeout` (a plain sleep while no one
-/// has the device open: the master then reports a hang-up at once).
-fn wait_for_input(fd: i32, timeout: Duration) {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as libc::c_int) };
-    if n > 0 && p.revents & libc::POLLIN == 0 {
-        std::thread::sleep(timeout);
-    }
-}
-
 fn raw_nonblocking(fd: i32) {
     // SAFETY: `fd` is open; `t` is filled by tcgetattr.
     unsafe {
@@ -352,7 +337,7 @@ impl Reader {
                     }
                     // Like a reader's microcontroller, answer as soon as a command is in
                     // (a fixed sleep here would add up to a millisecond to every exchange).
-                    wait_for_input(master, Duration::from_millis(1));
+                    super::wait_readable(master, -1, Duration::from_millis(1));
                 }
                 drop(pd);
                 // SAFETY: our descriptor, closed once: unplugs the reader.
