@@ -41,6 +41,13 @@ fn reader_state(sub: &Subscriber, topic: &str) -> (String, String) {
         .unwrap_or_default()
 }
 
+/// Waits up to `secs` seconds for the reader's state on `topic` to be `state`.
+fn wait_reader(sub: &Subscriber, topic: &str, state: &str, what: &str, secs: u64) {
+    wait_for(what, Duration::from_secs(secs), || {
+        reader_state(sub, topic).0 == state
+    });
+}
+
 /// The feedback commands (LED, buzzer, output, text) received since `from`.
 fn feedback(reader: &Reader, from: usize) -> Vec<OsdpCommand> {
     reader
@@ -72,9 +79,7 @@ fn osdp_card_reads_are_taps_and_the_reader_shows_green_opens_the_door_or_shows_r
     let topic = format!("{p}/reader/gate");
     let sub = Subscriber::start(broker.port, "ledger-osdp", &[&format!("{p}/event"), &topic]);
     let mut daemon = Daemon::start(&config);
-    wait_for("the reader online", Duration::from_secs(30), || {
-        reader_state(&sub, &topic).0 == "ok"
-    });
+    wait_reader(&sub, &topic, "ok", "the reader online", 30);
     let device = sub.last_json(&topic).unwrap()["device"].clone();
     assert!(
         device.as_str().unwrap_or("").contains("secure channel"),
@@ -159,9 +164,7 @@ fn osdp_card_reads_are_taps_and_the_reader_shows_green_opens_the_door_or_shows_r
 
     // Unplugged: absent, and the daemon goes on.
     drop(reader);
-    wait_for("the reader absent", Duration::from_secs(20), || {
-        reader_state(&sub, &topic).0 == "absent"
-    });
+    wait_reader(&sub, &topic, "absent", "the reader absent", 20);
     assert!(daemon.is_running());
     assert_eq!(daemon.terminate(), Some(0));
 }
@@ -346,24 +349,18 @@ fn an_osdp_reader_unplugged_and_plugged_back_is_absent_then_online_and_taps_agai
         &[&format!("{p}/event"), &topic],
     );
     let mut daemon = Daemon::start(&config);
-    wait_for("the reader online", Duration::from_secs(30), || {
-        reader_state(&sub, &topic).0 == "ok"
-    });
+    wait_reader(&sub, &topic, "ok", "the reader online", 30);
     first.present(&GRANTED);
     wait_for("the first tap", Duration::from_secs(20), || {
         sub.events(&format!("{p}/event")).len() == 1
     });
 
     drop(first);
-    wait_for("the reader absent", Duration::from_secs(20), || {
-        reader_state(&sub, &topic).0 == "absent"
-    });
+    wait_reader(&sub, &topic, "absent", "the reader absent", 20);
     let second = Reader::start(0, Some(key())).expect("the reader back");
     std::fs::remove_file(&link).unwrap();
     std::os::unix::fs::symlink(second.path(), &link).unwrap();
-    wait_for("the reader online again", Duration::from_secs(30), || {
-        reader_state(&sub, &topic).0 == "ok"
-    });
+    wait_reader(&sub, &topic, "ok", "the reader online again", 30);
     let device = sub.last_json(&topic).unwrap()["device"].clone();
     assert!(
         device.as_str().unwrap_or("").contains("secure channel"),
@@ -406,9 +403,7 @@ fn cards_read_in_quick_succession_at_a_reversed_osdp_reader_are_each_one_tap_in_
         &[&format!("{p}/event"), &topic],
     );
     let mut daemon = Daemon::start(&config);
-    wait_for("the reader online", Duration::from_secs(30), || {
-        reader_state(&sub, &topic).0 == "ok"
-    });
+    wait_reader(&sub, &topic, "ok", "the reader online", 30);
     let cards: Vec<[u8; 7]> = (0..8u8)
         .map(|i| [0x04, 0x5A, 0x11, 0x22, 0x33, 0x44, 0x10 + i])
         .collect();
@@ -451,18 +446,12 @@ fn an_osdp_reader_that_reboots_on_an_open_line_is_back_within_seconds() {
         &[&format!("{p}/event"), &topic],
     );
     let mut daemon = Daemon::start(&config);
-    wait_for("the reader online", Duration::from_secs(30), || {
-        reader_state(&sub, &topic).0 == "ok"
-    });
+    wait_reader(&sub, &topic, "ok", "the reader online", 30);
     // Off long enough for libosdp to give the reader up (8 unanswered polls, ~9 s).
     reader.power_cycle(Duration::from_secs(12));
-    wait_for("the reader absent", Duration::from_secs(30), || {
-        reader_state(&sub, &topic).0 == "absent"
-    });
+    wait_reader(&sub, &topic, "absent", "the reader absent", 30);
     // Back within the 12 s off + 5 s retry + the handshake (libosdp's own default: 300 s).
-    wait_for("the reader online again", Duration::from_secs(25), || {
-        reader_state(&sub, &topic).0 == "ok"
-    });
+    wait_reader(&sub, &topic, "ok", "the reader online again", 25);
     reader.present(&GRANTED);
     wait_for("a tap after the reboot", Duration::from_secs(20), || {
         sub.events(&format!("{p}/event")).len() == 1
