@@ -22,9 +22,12 @@
 //! The daemon is the release binary (`cargo build --release -p id06d` first).
 //! Run: `cargo bench -p id06d --bench scale` (about 3 minutes at 5 million cards).
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{env_or, ms, subscriber};
 use id06_readers::pn532::emulator::PtyPeer;
 use id06d::mqtt::broker::LocalBroker;
-use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -32,13 +35,6 @@ use std::time::{Duration, Instant};
 const PREFIX: &str = "scale";
 const SITE: &str = "SE-SCALE";
 const STATUSES: [&str; 4] = ["blocked", "terminated", "suspended", "produced"];
-
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Card `i` of the list: 7-byte UIDs spread over the whole range.
 fn card(i: u64) -> String {
@@ -55,10 +51,6 @@ fn write_list(path: &Path, cards: u64, shift: u64) {
         writeln!(out, "{},{}", card(i), STATUSES[((i + shift) % 4) as usize]).expect("write");
     }
     out.flush().expect("flush the list");
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 fn proc_status_kb(pid: u32, field: &str) -> u64 {
@@ -124,45 +116,6 @@ impl Gateway {
     }
 }
 
-/// Subscribes to `topic`; every message goes to `tx` with its arrival time.
-async fn subscriber(
-    port: u16,
-    topic: String,
-    tx: tokio::sync::mpsc::UnboundedSender<(serde_json::Value, Instant)>,
-    ready: tokio::sync::oneshot::Sender<()>,
-) {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut o = MqttOptions::new(
-        format!("scale-sub-{}-{n}", std::process::id()),
-        "127.0.0.1",
-        port,
-    );
-    o.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut ev) = AsyncClient::new(o, 64);
-    client
-        .subscribe(&topic, QoS::AtMostOnce)
-        .await
-        .expect("subscribe");
-    let mut ready = Some(ready);
-    loop {
-        match ev.poll().await {
-            Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
-                if let Some(r) = ready.take() {
-                    let _ = r.send(());
-                }
-            }
-            Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                if let Ok(v) = serde_json::from_slice(&p.payload) {
-                    let _ = tx.send((v, Instant::now()));
-                }
-            }
-            Ok(_) => {}
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-}
-
 /// A running daemon and what its start measured.
 struct Started {
     child: std::process::Child,
@@ -182,7 +135,13 @@ fn start(
 ) -> Started {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let (ready_tx, ready) = tokio::sync::oneshot::channel();
-    let sub = rt.spawn(subscriber(port, gw.topic("decision"), tx, ready_tx));
+    let sub = rt.spawn(subscriber(
+        port,
+        gw.topic("decision"),
+        |p: &[u8]| serde_json::from_slice::<serde_json::Value>(p).ok(),
+        tx,
+        ready_tx,
+    ));
     rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(10), ready)
             .await

@@ -21,22 +21,19 @@
 //! Run: `cargo bench -p id06d --bench tail` (`ID06D_TAIL_PARTS=id06d` or `=baseline` for
 //! one of the two).
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{env_or, ms, subscriber};
 use id06_readers::pn532::emulator::PtyPeer;
 use id06d::mqtt::broker::LocalBroker;
-use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
+use rumqttc::{MqttOptions, QoS};
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 const TOPIC_PREFIX: &str = "bench";
-
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A 7-byte UID per card, none repeated in a run (no debouncing between them).
 fn card(i: u64) -> String {
@@ -45,52 +42,6 @@ fn card(i: u64) -> String {
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// Subscribes to `topic` and sends `(uid, arrival)` for every message, the UID taken by
-/// `uid_of` from the payload.
-async fn subscriber(
-    port: u16,
-    topic: String,
-    uid_of: fn(&[u8]) -> Option<String>,
-    tx: tokio::sync::mpsc::UnboundedSender<(String, Instant)>,
-    ready: tokio::sync::oneshot::Sender<()>,
-) {
-    let mut o = MqttOptions::new(
-        format!("tail-sub-{}", std::process::id()),
-        "127.0.0.1",
-        port,
-    );
-    o.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut ev) = AsyncClient::new(o, 1024);
-    client
-        .subscribe(&topic, QoS::AtLeastOnce)
-        .await
-        .expect("subscribe");
-    let mut ready = Some(ready);
-    loop {
-        match ev.poll().await {
-            Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
-                if let Some(r) = ready.take() {
-                    let _ = r.send(());
-                }
-            }
-            Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                let at = Instant::now();
-                if let Some(uid) = uid_of(&p.payload) {
-                    if tx.send((uid, at)).is_err() {
-                        return;
-                    }
-                }
-            }
-            Ok(_) => {}
-            Err(e) => panic!("the subscriber lost the broker: {e}"),
-        }
-    }
 }
 
 /// A client id used once: two clients with one id take turns throwing each other out.

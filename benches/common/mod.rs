@@ -1,0 +1,63 @@
+//! What the whole-process benches share (`tail`, `scale`): settings from the environment
+//! and a subscriber that timestamps what arrives.
+#![allow(dead_code)] // each bench uses its part
+
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
+use std::time::{Duration, Instant};
+
+/// The environment variable `key` parsed, or `default`.
+pub fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Milliseconds, for reports.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Subscribes to `topic` on the broker at `port` (QoS 1) and sends what `map` makes of each
+/// message, with its arrival time; `ready` once subscribed. A lost broker fails the run.
+pub async fn subscriber<T>(
+    port: u16,
+    topic: String,
+    map: fn(&[u8]) -> Option<T>,
+    tx: tokio::sync::mpsc::UnboundedSender<(T, Instant)>,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut o = MqttOptions::new(
+        format!("bench-sub-{}-{n}", std::process::id()),
+        "127.0.0.1",
+        port,
+    );
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut ev) = AsyncClient::new(o, 1024);
+    client
+        .subscribe(&topic, QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let mut ready = Some(ready);
+    loop {
+        match ev.poll().await {
+            Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                if let Some(r) = ready.take() {
+                    let _ = r.send(());
+                }
+            }
+            Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                let at = Instant::now();
+                if let Some(v) = map(&p.payload) {
+                    if tx.send((v, at)).is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => panic!("the subscriber lost the broker: {e}"),
+        }
+    }
+}
