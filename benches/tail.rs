@@ -11,7 +11,8 @@
 //! the broker and the scheduler.
 //!
 //! The daemon is the release binary (`cargo build --release -p id06d` first), run as its
-//! own process as on a gateway.
+//! own process as on a gateway, logging as the systemd unit has it (`RUST_LOG=info`, a line
+//! per tap; `ID06D_TAIL_LOG` sets another filter) to a file.
 //!
 //! A VM's neighbours come and go: `ID06D_TAIL_ROUNDS` (default 10) splits the time into
 //! rounds that take turns, so that a noisy minute falls on every part alike.
@@ -20,6 +21,11 @@
 //!
 //! Run: `cargo bench -p id06d --bench tail` (`ID06D_TAIL_PARTS=id06d` or `=baseline` for
 //! one of the two).
+//!
+//! `ID06D_TAIL_STAGES=1` has the daemon log each card's way through it (the line read, the
+//! pipeline taking the tap, the commit, the event on the socket) and reports where the time
+//! of all cards and of the slowest 1 % went. The logging costs a few microseconds per card:
+//! use it to find a cause, and the run without it for the figures.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -40,7 +46,22 @@ fn card(i: u64) -> String {
     format!("04B7{:010X}", i & 0xFF_FFFF_FFFF)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+/// One timed card: its UID, when its line was written (wall clock, ns) and how long its
+/// message took to arrive.
+struct Timed {
+    uid: String,
+    written_ns: i128,
+    latency: Duration,
+}
+
+/// The wall clock in nanoseconds (what the daemon's log lines are stamped with).
+fn wall_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+fn percentile<T: Copy>(sorted: &[T], p: f64) -> T {
     sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
 }
 
@@ -77,7 +98,7 @@ fn drive(
     topic: &str,
     uid_of: fn(&[u8]) -> Option<String>,
     pace: Pace,
-) -> (Vec<Duration>, usize) {
+) -> (Vec<Timed>, usize) {
     let Pace {
         rate,
         secs,
@@ -95,8 +116,20 @@ fn drive(
     let total = rate * secs;
     // The first two seconds warm the caches and the connections: written, not timed.
     let warmup = (rate * 2).min(total / 10);
-    let mut written: HashMap<String, Instant> = HashMap::with_capacity(total as usize);
-    let mut latencies = Vec::with_capacity(total as usize);
+    let mut written: HashMap<String, (Instant, i128)> = HashMap::with_capacity(total as usize);
+    let mut latencies: Vec<Timed> = Vec::with_capacity(total as usize);
+    let arrived = |written: &HashMap<String, (Instant, i128)>,
+                   latencies: &mut Vec<Timed>,
+                   uid: String,
+                   at: Instant| {
+        if let Some((w, wall)) = written.get(&uid) {
+            latencies.push(Timed {
+                latency: at.duration_since(*w),
+                written_ns: *wall,
+                uid,
+            });
+        }
+    };
     rt.block_on(async {
         let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -106,13 +139,11 @@ fn drive(
             let uid = card(first_card + i);
             let line = format!("{uid}\n");
             if i >= warmup {
-                written.insert(uid, Instant::now());
+                written.insert(uid, (Instant::now(), wall_ns()));
             }
             peer.write(line.as_bytes()).await.expect("write to the pty");
             while let Ok((uid, at)) = rx.try_recv() {
-                if let Some(w) = written.get(&uid) {
-                    latencies.push(at.duration_since(*w));
-                }
+                arrived(&written, &mut latencies, uid, at);
             }
             if progress.elapsed() >= Duration::from_secs(60) {
                 eprintln!("  … {i} of {total} cards");
@@ -122,11 +153,7 @@ fn drive(
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while latencies.len() < (total - warmup) as usize {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some((uid, at))) => {
-                    if let Some(w) = written.get(&uid) {
-                        latencies.push(at.duration_since(*w));
-                    }
-                }
+                Ok(Some((uid, at))) => arrived(&written, &mut latencies, uid, at),
                 _ => break,
             }
         }
@@ -214,7 +241,8 @@ struct Figures {
     max: Duration,
 }
 
-fn figures(mut l: Vec<Duration>, missing: usize) -> Figures {
+fn figures(timed: Vec<Timed>, missing: usize) -> Figures {
+    let mut l: Vec<Duration> = timed.into_iter().map(|t| t.latency).collect();
     l.sort();
     Figures {
         n: l.len(),
@@ -245,7 +273,7 @@ fn baseline_round(
     port: u16,
     dir: &Path,
     pace: Pace,
-) -> (Vec<Duration>, usize) {
+) -> (Vec<Timed>, usize) {
     let _enter = rt.enter();
     let mut peer = PtyPeer::open().expect("a pty");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -276,7 +304,8 @@ fn daemon_round(
     dir: &Path,
     terminal: &str,
     pace: Pace,
-) -> (Vec<Duration>, usize) {
+    stages: Option<&mut Vec<Stages>>,
+) -> (Vec<Timed>, usize) {
     let _enter = rt.enter();
     let mut peer = PtyPeer::open().expect("a pty");
     std::fs::create_dir_all(dir).expect("the gateway's directory");
@@ -289,10 +318,17 @@ fn daemon_round(
         ),
     )
     .expect("the configuration");
+    // Logging as on a gateway (the unit's RUST_LOG=info: a line per tap), or as asked.
+    let level: String = env_or("ID06D_TAIL_LOG", "info".to_string());
+    let filter = if stages.is_some() {
+        format!("{level},id06_readers::line=debug,id06d::stages=trace,id06d::durable=trace")
+    } else {
+        level
+    };
     let mut child = std::process::Command::new(binary)
         .args(["run", "--config"])
         .arg(&cfg)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", filter)
         .stderr(std::fs::File::create(dir.join("id06d.log")).expect("the daemon's log"))
         .spawn()
         .expect("start id06d");
@@ -317,11 +353,134 @@ fn daemon_round(
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     let _ = child.wait();
+    let log = std::fs::read_to_string(dir.join("id06d.log")).unwrap_or_default();
     if result.1 > 0 {
-        let log = std::fs::read_to_string(dir.join("id06d.log")).unwrap_or_default();
         eprintln!("  the daemon's log:\n{log}");
     }
+    if let Some(stages) = stages {
+        stages.extend(stages_of(&log, &result.0));
+    }
     result
+}
+
+/// Where one card's time went, in ns, from the daemon's trace lines (`ID06D_TAIL_STAGES`).
+#[derive(Debug, Clone, Copy)]
+struct Stages {
+    total: i128,
+    /// [pty -> line read, line read -> pipeline, pipeline -> durable, durable -> on the
+    /// socket, on the socket -> at the subscriber]
+    parts: [i128; 5],
+}
+
+const STAGE_NAMES: [&str; 5] = [
+    "line written -> read by the reader task",
+    "read -> taken by the tap pipeline",
+    "taken -> durable (outbox commit)",
+    "durable -> event on the socket",
+    "on the socket -> at the subscriber",
+];
+
+/// Pairs each timed card with its trace lines: "<time> DEBUG line read … card=C",
+/// "<time> TRACE taken card=C", "<time> TRACE durable card=C pos=P", "<time> TRACE sent pos=P".
+fn stages_of(log: &str, timed: &[Timed]) -> Vec<Stages> {
+    let field = |l: &str, name: &str| -> Option<String> {
+        Some(
+            l.split(&format!(" {name}="))
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .to_string(),
+        )
+    };
+    let mut read = HashMap::new();
+    let mut taken = HashMap::new();
+    let mut durable = HashMap::new();
+    let mut pos_of = HashMap::new();
+    let mut sent = HashMap::new();
+    for l in log.lines() {
+        let Some(at) = l
+            .split_whitespace()
+            .next()
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .map(|t| t.as_nanosecond())
+        else {
+            continue;
+        };
+        if l.contains(" line read ") {
+            if let Some(c) = field(l, "card") {
+                read.insert(c, at);
+            }
+        } else if l.contains(" taken ") {
+            if let Some(c) = field(l, "card") {
+                taken.insert(c, at);
+            }
+        } else if l.contains(" durable ") {
+            if let (Some(c), Some(p)) = (field(l, "card"), field(l, "pos")) {
+                durable.insert(c.clone(), at);
+                pos_of.insert(c, p);
+            }
+        } else if l.contains(" sent ") {
+            if let Some(p) = field(l, "pos") {
+                sent.insert(p, at);
+            }
+        }
+    }
+    timed
+        .iter()
+        .filter_map(|t| {
+            let received = t.written_ns + t.latency.as_nanos() as i128;
+            let (r, k, d) = (read.get(&t.uid)?, taken.get(&t.uid)?, durable.get(&t.uid)?);
+            let s = sent.get(pos_of.get(&t.uid)?)?;
+            Some(Stages {
+                total: t.latency.as_nanos() as i128,
+                parts: [r - t.written_ns, k - r, d - k, s - d, received - s],
+            })
+        })
+        .collect()
+}
+
+/// The stages of all cards and of the slowest 1 %: medians, and for the slowest, which
+/// stage was furthest above its own median.
+fn stage_report(mut all: Vec<Stages>) -> Vec<String> {
+    if all.is_empty() {
+        return vec!["stages: no card could be paired with the daemon's trace lines".into()];
+    }
+    let us = |ns: i128| ns as f64 / 1000.0;
+    let median_of = |v: &[Stages], i: usize| {
+        let mut x: Vec<i128> = v.iter().map(|s| s.parts[i]).collect();
+        x.sort();
+        percentile(&x, 0.5)
+    };
+    let p99_of = |v: &[Stages], i: usize| {
+        let mut x: Vec<i128> = v.iter().map(|s| s.parts[i]).collect();
+        x.sort();
+        percentile(&x, 0.99)
+    };
+    all.sort_by_key(|s| s.total);
+    let cut = percentile(&all.iter().map(|s| s.total).collect::<Vec<_>>(), 0.99);
+    let slow: Vec<Stages> = all.iter().copied().filter(|s| s.total >= cut).collect();
+    let medians: Vec<i128> = (0..5).map(|i| median_of(&all, i)).collect();
+    let mut dominant = [0usize; 5];
+    for s in &slow {
+        let worst = (0..5).max_by_key(|&i| s.parts[i] - medians[i]).unwrap_or(0);
+        dominant[worst] += 1;
+    }
+    let mut out = vec![format!(
+        "stages of {} cards (slowest 1 %: {} cards at or above {:.2} ms), in us: median / p99 of all; median of the slowest; slowest cards this stage was furthest above its median for",
+        all.len(),
+        slow.len(),
+        us(cut) / 1000.0
+    )];
+    for (i, name) in STAGE_NAMES.iter().enumerate() {
+        out.push(format!(
+            "  {name}: {:.0} / {:.0}; {:.0}; {}",
+            us(medians[i]),
+            us(p99_of(&all, i)),
+            us(median_of(&slow, i)),
+            dominant[i]
+        ));
+    }
+    out
 }
 
 fn main() {
@@ -345,7 +504,9 @@ fn main() {
             binary.display()
         ));
     }
-    let mut runs: Vec<(String, Vec<Duration>, usize)> = Vec::new();
+    let mut runs: Vec<(String, Vec<Timed>, usize)> = Vec::new();
+    let trace_stages = std::env::var_os("ID06D_TAIL_STAGES").is_some();
+    let mut stages: Vec<Stages> = Vec::new();
     if parts.contains("baseline") {
         runs.push((
             "baseline (line -> file + fdatasync -> raw QoS 1 publish)".into(),
@@ -380,7 +541,8 @@ fn main() {
             let (l, m) = if name.starts_with("baseline") {
                 baseline_round(&rt, broker.port, work.path(), pace)
             } else {
-                let (bin, terminal) = if name.starts_with("id06d") {
+                let ours = name.starts_with("id06d");
+                let (bin, terminal) = if ours {
                     (binary.clone(), "gate-bench")
                 } else {
                     (other.clone().unwrap_or_default(), "gate-other")
@@ -392,6 +554,7 @@ fn main() {
                     &work.path().join(format!("gateway{i}")),
                     terminal,
                     pace,
+                    (ours && trace_stages).then_some(&mut stages),
                 )
             };
             next_card += rate * per_round;
@@ -407,6 +570,9 @@ fn main() {
     }
     for (name, latencies, missing) in runs {
         report.push(line(&name, &figures(latencies, missing)));
+    }
+    if trace_stages {
+        report.extend(stage_report(stages));
     }
     drop(broker);
     println!("\n--- measured in this run ---");

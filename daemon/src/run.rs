@@ -243,6 +243,16 @@ pub async fn run(
         })
     };
 
+    // Log lines stderr did not take (see ops::logging), said every few seconds.
+    let log_watch = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        let mut said = 0;
+        loop {
+            every.tick().await;
+            crate::ops::logging::report_dropped(&mut said);
+        }
+    });
+
     // Delivered events are kept `keep_days` for `events export`, then pruned (hourly).
     let keep_ms = i64::from(config.events.keep_days) * 24 * 3600 * 1000;
     let pruner = {
@@ -493,6 +503,7 @@ pub async fn run(
     let _ = sync_task.await;
     pruner.abort();
     list_watch.abort();
+    log_watch.abort();
     watcher.abort();
     control_stop.cancel();
     let _ = control.await;

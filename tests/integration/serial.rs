@@ -299,3 +299,60 @@ fn a_burst_of_5000_cards_on_a_line_reader_is_5000_events_and_5000_decisions() {
     assert_eq!(daemon.terminate(), Some(0));
     assert!(!daemon.log_text().contains("not published"), "none dropped");
 }
+
+#[test]
+fn taps_are_recorded_while_nothing_reads_the_daemons_log() {
+    // journald that hangs, or a pipe nobody drains: the daemon's stderr stops taking
+    // lines after 64 KiB. The taps (and their log lines, a few hundred bytes each) go on.
+    let rt = runtime();
+    let _enter = rt.enter();
+    let mut peer = PtyPeer::open().expect("a pty");
+    let dir = scratch();
+    let broker = broker(dir.path());
+    let config = TestConfig::write(
+        dir.path(),
+        &broker.url(),
+        &format!(
+            "[[reader]]\nname = \"gate\"\nkind = \"line\"\npath = \"{}\"\nbaud = 115200\ndirection = \"in\"\n",
+            peer.path().display()
+        ),
+    );
+    let p = config.base();
+    let topic = format!("{p}/reader/gate");
+    let sub = Subscriber::start(
+        broker.port,
+        "ledger-log-unread",
+        &[&format!("{p}/event"), &topic],
+    );
+    let (mut daemon, stderr) = Daemon::start_piped(&config);
+    wait_for("the line reader to be ok", Duration::from_secs(30), || {
+        reader_state(&sub, &topic) == "ok"
+    });
+    // 1 000 taps log far more than the pipe holds (about 360 "tap" lines fill it).
+    let taps = 1000u32;
+    for chunk in (0..taps).collect::<Vec<_>>().chunks(50) {
+        let lines: String = chunk
+            .iter()
+            .map(|i| format!("{}\n", card(9_000_000 + i)))
+            .collect();
+        rt.block_on(peer.write(lines.as_bytes())).unwrap();
+    }
+    wait_for("an event for every tap", Duration::from_secs(120), || {
+        sub.on(&format!("{p}/event")).len() >= taps as usize
+    });
+    let (first, _) = check_delivery(&sub.events(&format!("{p}/event")));
+    assert_eq!(first.len(), taps as usize);
+    // The log was held back, not lost: once read, every tap has its line.
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut std::io::BufReader::new(stderr), &mut text);
+        text
+    });
+    assert_eq!(daemon.terminate(), Some(0));
+    let log = reader.join().expect("the log reader");
+    let tap_lines = log
+        .lines()
+        .filter(|l| l.contains(" tap ") && l.contains("seq="))
+        .count();
+    assert_eq!(tap_lines, taps as usize, "a log line for every tap");
+}

@@ -1,7 +1,7 @@
 //! `id06d run`, `demo`, `check-config` and `readers`: the daemon itself and what an
 //! installer runs before it.
 
-use super::{init_logging, load_config, read_password, runtime, tokio_runtime, usage, Failure};
+use super::{load_config, read_password, runtime, tokio_runtime, usage, Failure};
 use std::path::Path;
 use tokio_util::sync::CancellationToken;
 
@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 pub(super) fn run(config: &Path) -> Result<(), Failure> {
     // libosdp's own lines repeat what the reader's state says, every few seconds while a
     // reader is away (RUST_LOG=info,libosdp=debug shows them).
-    init_logging("info,libosdp=off");
+    let _log = crate::ops::logging::init_daemon_logging("info,libosdp=off");
     let config = load_config(config)?;
     let rt = tokio_runtime()?;
     rt.block_on(async {
@@ -31,7 +31,7 @@ pub(super) fn run(config: &Path) -> Result<(), Failure> {
 
 /// `id06d demo`.
 pub(super) fn demo() -> Result<(), Failure> {
-    init_logging("info,rumqttc=off");
+    let _log = crate::ops::logging::init_daemon_logging("info,rumqttc=off");
     let rt = tokio_runtime()?;
     rt.block_on(super::demo::run_demo()).map_err(runtime)
 }

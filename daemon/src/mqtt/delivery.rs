@@ -319,7 +319,13 @@ impl MqttTask {
                         }
                         Ok(MqttEvent::Outgoing(Outgoing::Publish(pkid))) => {
                             match window.unassigned.pop_front() {
-                                Some(tag @ (Tag::Event(_) | Tag::Replay)) => { window.by_pkid.insert(pkid, tag); }
+                                Some(tag @ (Tag::Event(_) | Tag::Replay)) => {
+                                    if let Tag::Event(pos) = tag {
+                                        // For benches/tail.rs: the event is on the socket.
+                                        tracing::trace!(target: "id06d::stages", pos, "sent");
+                                    }
+                                    window.by_pkid.insert(pkid, tag);
+                                }
                                 Some(Tag::Other) => {}
                                 None => tracing::debug!(pkid, "a publish went out that we did not tag"),
                             }
@@ -378,6 +384,11 @@ impl MqttTask {
                     }
                 }
                 _ = self.shared.wake.notified(), if connected => {
+                    // New events are in the database: acknowledgements that waited for
+                    // them go when nothing else is in flight (as after a PUBACK).
+                    if window.in_flight == 0 {
+                        self.flush_acks(&mut window);
+                    }
                     if connected && self.shared.status_dirty.swap(false, std::sync::atomic::Ordering::AcqRel) {
                         self.publish_other(client, &mut window, self.topics.status(), self.status_payload(), true);
                     }
@@ -449,6 +460,21 @@ impl MqttTask {
         if window.acked.is_empty() {
             return;
         }
+        // An event sent from its decision can be acknowledged before the pipeline has put
+        // it into the database (it does so after letting it go out): its acknowledgement
+        // waits for that, or the event would be pending again once it is put in.
+        let applied = self.outbox.last_pos();
+        let early: Vec<u64> = window
+            .acked
+            .iter()
+            .copied()
+            .filter(|p| *p > applied)
+            .collect();
+        window.acked.retain(|p| *p <= applied);
+        if window.acked.is_empty() {
+            window.acked = early;
+            return;
+        }
         match self.outbox.ack_many(&window.acked) {
             Ok(n) => {
                 self.shared
@@ -459,7 +485,7 @@ impl MqttTask {
             }
             Err(e) => tracing::error!("cannot remove delivered events from the outbox: {e}"),
         }
-        window.acked.clear();
+        window.acked = early;
     }
 
     /// Sends a just-recorded event on `P/event` straight from its decision when it is the

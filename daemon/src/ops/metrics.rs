@@ -103,6 +103,12 @@ impl Collector for Gateway {
         ] {
             counter(&mut e, name, help, Counters::get(v))?;
         }
+        counter(
+            &mut e,
+            "id06d_log_lines_dropped",
+            "Log lines dropped because stderr (journald) did not take them.",
+            crate::ops::logging::dropped_lines(),
+        )?;
         {
             let probe = ConstCounter::new(0u64);
             let mut family = e.encode_descriptor(

@@ -4,5 +4,6 @@
 pub mod clock;
 pub mod control;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod status;

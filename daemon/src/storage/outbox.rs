@@ -140,6 +140,9 @@ pub struct OutboxStats {
 struct Logs {
     wal: Wal,
     mark: MarkFile,
+    /// A commit is durable in the log and not yet in the database ([`Committed`]): no
+    /// checkpoint may empty the log until it is.
+    unapplied: bool,
 }
 
 /// The outbox. Cheap to clone; one writer (the tap pipeline), any number of readers.
@@ -166,6 +169,43 @@ pub struct Outbox {
     /// [`Outbox::start_checkpoints`] runs them on a thread of their own; until then (and
     /// after it stopped) the commit checkpoints itself.
     checkpointer: Arc<OnceLock<SyncSender<Checkpoint>>>,
+}
+
+/// Events durable in the outbox's log and not yet in its database (see
+/// [`Outbox::commit_durable`]): applied by [`Committed::apply`], or when dropped.
+pub struct Committed {
+    outbox: Outbox,
+    recorded: Vec<(u64, Event)>,
+    inserts: Vec<Insert>,
+    pos: u64,
+    applied: bool,
+}
+
+impl Committed {
+    /// The events as recorded, with their positions.
+    pub fn recorded(&self) -> &[(u64, Event)] {
+        &self.recorded
+    }
+
+    /// Puts the events into the database (readable with [`Outbox::pending_from`],
+    /// acknowledgeable); returns them.
+    pub fn apply(mut self) -> Vec<(u64, Event)> {
+        self.apply_now();
+        std::mem::take(&mut self.recorded)
+    }
+
+    fn apply_now(&mut self) {
+        if !self.applied {
+            self.applied = true;
+            self.outbox.apply_committed(&self.inserts, self.pos);
+        }
+    }
+}
+
+impl Drop for Committed {
+    fn drop(&mut self) {
+        self.apply_now();
+    }
 }
 
 /// A message to the checkpoint thread.
@@ -342,7 +382,11 @@ impl Outbox {
             base,
             last_pos: Arc::new(AtomicU64::new(last_pos)),
             depth: Arc::new(AtomicU64::new(depth)),
-            logs: Arc::new(Mutex::new(Logs { wal, mark })),
+            logs: Arc::new(Mutex::new(Logs {
+                wal,
+                mark,
+                unapplied: false,
+            })),
             applying: Arc::new(Mutex::new(())),
             acks: Arc::new(Mutex::new(acks)),
             confirm: Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -408,21 +452,41 @@ impl Outbox {
     }
 
     /// [`Outbox::commit`], calling `on_durable` with the recorded events the moment they
-    /// are on disk, before they are readable with [`Outbox::pending_from`] (used to let
-    /// the decisions go while the database is updated in memory).
+    /// are on disk, before they are readable with [`Outbox::pending_from`].
     pub fn commit_then(
         &self,
         events: Vec<Event>,
         toggles: &[ToggleRecord],
         on_durable: impl FnOnce(&[(u64, Event)]),
     ) -> Result<Vec<(u64, Event)>, StoreError> {
+        let committed = self.commit_durable(events, toggles)?;
+        on_durable(committed.recorded());
+        Ok(committed.apply())
+    }
+
+    /// The first half of [`Outbox::commit`]: the events are durable (in the log, synced)
+    /// when this returns, and reach the database, readable with [`Outbox::pending_from`],
+    /// when the returned [`Committed`] is applied or dropped. In between the caller lets
+    /// the decisions and the events go out (the tap pipeline yields to the MQTT task), so
+    /// that updating the database is not on a tap's way to the broker.
+    pub fn commit_durable(
+        &self,
+        events: Vec<Event>,
+        toggles: &[ToggleRecord],
+    ) -> Result<Committed, StoreError> {
+        let mut committed = Committed {
+            outbox: self.clone(),
+            recorded: Vec::with_capacity(events.len()),
+            inserts: Vec::new(),
+            pos: 0,
+            applied: true,
+        };
         if events.is_empty() && toggles.is_empty() {
-            return Ok(Vec::new());
+            return Ok(committed);
         }
         let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
         let confirm = self.confirm.load(Ordering::Acquire);
         let mut pos = self.last_pos();
-        let mut recorded = Vec::with_capacity(events.len());
         let mut inserts: Vec<Insert> = Vec::with_capacity(events.len() * 2 + toggles.len() + 1);
         for mut e in events {
             pos += 1;
@@ -439,7 +503,7 @@ impl Outbox {
             if confirm {
                 inserts.push((key(UNCONFIRMED, pos).to_vec(), Vec::new()));
             }
-            recorded.push((pos, e));
+            committed.recorded.push((pos, e));
         }
         for t in toggles {
             let mut v = Vec::with_capacity(9);
@@ -460,22 +524,31 @@ impl Outbox {
                 detail,
             },
         )?;
-        let applying = self.applying.lock().unwrap_or_else(|e| e.into_inner());
-        on_durable(&recorded);
-        self.depth
-            .fetch_add(recorded.len() as u64, Ordering::AcqRel);
+        logs.unapplied = true;
+        drop(logs);
+        let n = committed.recorded.len() as u64;
+        self.depth.fetch_add(n, Ordering::AcqRel);
         if confirm {
-            self.unconfirmed
-                .fetch_add(recorded.len() as u64, Ordering::AcqRel);
+            self.unconfirmed.fetch_add(n, Ordering::AcqRel);
         }
+        committed.inserts = inserts;
+        committed.pos = pos;
+        committed.applied = false;
+        Ok(committed)
+    }
+
+    /// The second half of a commit: its records into the database, then `last_pos`.
+    fn apply_committed(&self, inserts: &[Insert], pos: u64) {
+        let applying = self.applying.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failed = false;
         // One insert at a time, not a sled batch (the log record already makes them all
         // or nothing; a batch would make sled write its buffer out beside every commit).
-        for (k, v) in &inserts {
+        for (k, v) in inserts {
             if let Err(e) = self.store.journal.insert(k.as_slice(), v.as_slice()) {
                 // The events are durable in the log and their decisions are out: they
                 // keep their seqs and reach the database when the log is replayed at
                 // the next start. Until then no checkpoint may empty the log.
-                logs.wal.pin();
+                failed = true;
                 tracing::error!(
                     "cannot add recorded events to the database ({}); they are safe in {WAL_NAME} and are delivered after a restart",
                     self.err(e)
@@ -486,10 +559,14 @@ impl Outbox {
         // Only now: whoever reads last_pos and then the pending markers finds them all.
         self.last_pos.store(pos, Ordering::Release);
         drop(applying);
+        let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        logs.unapplied = false;
+        if failed {
+            logs.wal.pin();
+        }
         if logs.wal.checkpoint_due() {
-            // Off the tap's path where a checkpoint thread runs: this commit's events go
-            // out while sled is flushed (the next commit waits for the log only if it
-            // comes before the checkpoint is done).
+            // Off the tap's path where a checkpoint thread runs (the next commit waits for
+            // the log only if it comes before the checkpoint is done).
             let handed_over = match self.checkpointer.get() {
                 Some(tx) => match tx.try_send(Checkpoint::Due) {
                     Ok(()) | Err(TrySendError::Full(_)) => true,
@@ -504,7 +581,6 @@ impl Outbox {
                 }
             }
         }
-        Ok(recorded)
     }
 
     /// Runs checkpoints on a thread of their own from now on (the daemon does; a command
@@ -561,7 +637,8 @@ impl Outbox {
     }
 
     fn checkpoint_locked(&self, logs: &mut Logs) -> Result<(), StoreError> {
-        if logs.wal.is_pinned() {
+        if logs.wal.is_pinned() || logs.unapplied {
+            // Applied later, or at the next start: the next commit checkpoints.
             return Ok(());
         }
         // No acknowledgement between the flush and clearing their log: each is either in
@@ -1181,6 +1258,38 @@ mod tests {
         assert_eq!(log_len(&o), 0);
         assert_eq!(o.last_seq(), 5);
         assert_eq!(o.depth(), 5);
+    }
+
+    #[test]
+    fn a_durable_commit_is_kept_in_the_log_until_it_is_applied_then_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "t1").unwrap();
+        let o = Outbox::open(&store).unwrap();
+        let log_len = |o: &Outbox| o.logs.lock().unwrap().wal.len();
+        let committed = o
+            .commit_durable(vec![draft("04A1B2C3", 1), draft("04A1B2C4", 2)], &[])
+            .unwrap();
+        assert_eq!(
+            committed.recorded().iter().map(|r| r.0).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        // Durable, counted, not yet in the database: not readable, and no checkpoint may
+        // empty the log that holds them.
+        assert_eq!(o.depth(), 2);
+        assert_eq!(o.last_seq(), 0);
+        assert!(o.pending_from(1, 10).unwrap().is_empty());
+        o.checkpoint().unwrap();
+        assert!(log_len(&o) > 0, "the log still holds the commit");
+        let recorded = committed.apply();
+        assert_eq!(recorded.len(), 2);
+        assert_eq!(o.last_seq(), 2);
+        assert_eq!(o.pending_from(1, 10).unwrap().len(), 2);
+        o.checkpoint().unwrap();
+        assert_eq!(log_len(&o), 0, "applied: the checkpoint empties the log");
+        // Dropped without apply (a caller that returns early): applied all the same.
+        drop(o.commit_durable(vec![draft("04A1B2C5", 3)], &[]).unwrap());
+        assert_eq!(o.last_seq(), 3);
+        assert_eq!(o.pending_from(3, 10).unwrap().len(), 1);
     }
 
     #[test]

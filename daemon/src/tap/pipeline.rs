@@ -11,7 +11,7 @@ use crate::config::{DirectionMode, WhenStale};
 use crate::lists::blocklist::Blocklist;
 use crate::ops::clock::clock_synced;
 use crate::shared::{Counters, Shared};
-use crate::storage::outbox::{Outbox, ToggleRecord};
+use crate::storage::outbox::{Committed, Outbox, ToggleRecord};
 use crate::tap::debounce::{Debouncer, Verdict};
 use crate::tap::decide::toggle_direction;
 use id06_protocol::{
@@ -150,7 +150,9 @@ impl Pipeline {
                     Ok(Some(m)) => Some(m),
                     Err(_) => None,
                     Ok(None) => {
-                        self.store(&mut unstored, &mut retry_at);
+                        if let Some(c) = self.store(&mut unstored, &mut retry_at) {
+                            self.recorded(c.apply());
+                        }
                         if !unstored.is_empty() {
                             tracing::error!(
                                 lost = unstored.len(),
@@ -174,18 +176,26 @@ impl Pipeline {
                     }
                 }
             }
-            if retry_at.is_none_or(|t| Instant::now() >= t) {
-                self.store(&mut unstored, &mut retry_at);
+            let committed = if retry_at.is_none_or(|t| Instant::now() >= t) {
+                self.store(&mut unstored, &mut retry_at)
+            } else {
+                None
+            };
+            // Let the door session and the MQTT task send the decisions and events just
+            // made before the database is updated and the next batch taken, even when
+            // readers keep this loop busy.
+            tokio::task::yield_now().await;
+            if let Some(c) = committed {
+                self.recorded(c.apply());
             }
             self.shared
                 .heartbeat
                 .pipeline_busy_since
                 .store(0, std::sync::atomic::Ordering::Release);
-            // Let the MQTT task send the decisions just made before the next batch, even
-            // when readers keep this loop busy.
-            tokio::task::yield_now().await;
         }
-        self.store(&mut unstored, &mut retry_at);
+        if let Some(c) = self.store(&mut unstored, &mut retry_at) {
+            self.recorded(c.apply());
+        }
     }
 
     fn handle(
@@ -246,6 +256,8 @@ impl Pipeline {
                         tracing::debug!(reader = %self.reader_name(reader), card = %uid, "duplicate presentation, not a tap");
                     }
                     Some(Verdict::Tap(uid)) => {
+                        // For benches/tail.rs: the moment the pipeline has the tap.
+                        tracing::trace!(target: "id06d::stages", card = %uid, "taken");
                         let elapsed = m.at.elapsed().as_millis() as i64;
                         let occurred_at = UtcMillis(UtcMillis::now().as_millis() - elapsed);
                         if unstored.len() >= MAX_UNSTORED {
@@ -346,13 +358,19 @@ impl Pipeline {
         }
     }
 
-    /// Writes the waiting events; on success publishes the decisions not yet published.
-    /// When the disk is (nearly) full the events stay in memory, their decisions are
-    /// published at once without a `seq`, and the number waiting is recorded.
-    fn store(&mut self, unstored: &mut VecDeque<Pending>, retry_at: &mut Option<Instant>) {
+    /// Writes the waiting events; on success publishes the decisions not yet published and
+    /// returns the commit, durable, to be applied to the database (then
+    /// [`Pipeline::recorded`]) once they have gone out. When the disk is (nearly) full the
+    /// events stay in memory, their decisions are published at once without a `seq`, and
+    /// the number waiting is recorded.
+    fn store(
+        &mut self,
+        unstored: &mut VecDeque<Pending>,
+        retry_at: &mut Option<Instant>,
+    ) -> Option<Committed> {
         if unstored.is_empty() {
             *retry_at = None;
-            return;
+            return None;
         }
         let result = match crate::storage::diskguard::free_bytes(&self.data_dir) {
             Some(free) if free < crate::storage::diskguard::MIN_FREE_BYTES => Err(format!(
@@ -374,15 +392,17 @@ impl Pipeline {
                     &self.feedback,
                 );
                 // The decisions go the moment the events are on disk; the database is
-                // updated in memory while the MQTT task sends them.
+                // updated once the MQTT task has sent them.
                 self.outbox
-                    .commit_then(events, &toggles, |recorded| {
+                    .commit_durable(events, &toggles)
+                    .inspect(|committed| {
+                        let recorded = committed.recorded();
                         for ((pos, e), was_announced) in recorded.iter().zip(&announced) {
                             if *was_announced {
                                 continue; // its decision went out while the disk was full
                             }
-                            // For benches/osdp.rs: the moment the tap is durable.
-                            tracing::trace!(target: "id06d::durable", card = %e.card_uid, "durable");
+                            // For benches/osdp.rs and tail.rs: the moment the tap is durable.
+                            tracing::trace!(target: "id06d::durable", card = %e.card_uid, pos = *pos, "durable");
                             // The worker at the reader first: green means recorded.
                             if let Some(f) = feedback.iter().find(|f| f.reader == e.reader) {
                                 f.sender.send(signal_for(e, f.door));
@@ -419,7 +439,7 @@ impl Pipeline {
         let shared = self.shared.clone();
         let c = &shared.counters;
         match result {
-            Ok(recorded) => {
+            Ok(committed) => {
                 let late = unstored.iter().filter(|p| p.announced).count();
                 unstored.clear();
                 *retry_at = None;
@@ -433,24 +453,7 @@ impl Pipeline {
                     }
                 }
                 self.record_unstored(None);
-                self.shared.wake.notify_one();
-                for (_, e) in &recorded {
-                    Counters::bump(&c.taps);
-                    match e.reason {
-                        None => Counters::bump(&c.granted),
-                        Some(r) => Counters::bump(c.denied_for(r)),
-                    }
-                    tracing::info!(
-                        seq = e.seq,
-                        reader = %e.reader,
-                        direction = %e.direction,
-                        card = %e.card_uid,
-                        status = %e.card_status,
-                        decision = ?e.decision,
-                        reason = e.reason.map_or("", |r| r.as_str()),
-                        "tap"
-                    );
-                }
+                Some(committed)
             }
             Err(message) => {
                 Counters::bump(&c.storage_failures);
@@ -512,7 +515,35 @@ impl Pipeline {
                 };
                 self.record_unstored(Some(state));
                 *retry_at = Some(Instant::now() + Duration::from_millis(500));
+                None
             }
+        }
+    }
+
+    /// Taps now in the database: counted, logged, and the MQTT task told (an event it did
+    /// not send from its decision is read from the outbox now).
+    fn recorded(&self, recorded: Vec<(u64, Event)>) {
+        if recorded.is_empty() {
+            return;
+        }
+        let c = &self.shared.counters;
+        self.shared.wake.notify_one();
+        for (_, e) in &recorded {
+            Counters::bump(&c.taps);
+            match e.reason {
+                None => Counters::bump(&c.granted),
+                Some(r) => Counters::bump(c.denied_for(r)),
+            }
+            tracing::info!(
+                seq = e.seq,
+                reader = %e.reader,
+                direction = %e.direction,
+                card = %e.card_uid,
+                status = %e.card_status,
+                decision = ?e.decision,
+                reason = e.reason.map_or("", |r| r.as_str()),
+                "tap"
+            );
         }
     }
 

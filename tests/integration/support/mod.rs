@@ -104,6 +104,22 @@ impl Daemon {
         let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
         let log = dir.join(format!("daemon-{n}.log"));
         let file = std::fs::File::create(&log).expect("log file");
+        Daemon::spawn(config, wrapper, log, Stdio::from(file))
+    }
+
+    /// Starts `id06d run --config path` with its stderr on a pipe, the read end returned
+    /// (`log_text` is empty for such a daemon).
+    pub fn start_piped(config: &TestConfig) -> (Daemon, std::process::ChildStderr) {
+        let mut d = Daemon::spawn(config, &[], PathBuf::new(), Stdio::piped());
+        let stderr = d
+            .child
+            .as_mut()
+            .and_then(|c| c.stderr.take())
+            .expect("the daemon's stderr");
+        (d, stderr)
+    }
+
+    fn spawn(config: &TestConfig, wrapper: &[&str], log: PathBuf, stderr: Stdio) -> Daemon {
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
@@ -118,7 +134,7 @@ impl Daemon {
             .env("RUST_LOG", "info,id06d=debug,rumqttc=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(file)
+            .stderr(stderr)
             .spawn()
             .expect("start id06d");
         Daemon {
