@@ -504,14 +504,17 @@ fn main() {
             binary.display()
         ));
     }
-    let mut runs: Vec<(String, Vec<Timed>, usize)> = Vec::new();
+    // Each part: its name, its timed cards, how many did not arrive, and (daemons with
+    // ID06D_TAIL_STAGES) where their time went.
+    type Part = (String, Vec<Timed>, usize, Vec<Stages>);
+    let mut runs: Vec<Part> = Vec::new();
     let trace_stages = std::env::var_os("ID06D_TAIL_STAGES").is_some();
-    let mut stages: Vec<Stages> = Vec::new();
     if parts.contains("baseline") {
         runs.push((
             "baseline (line -> file + fdatasync -> raw QoS 1 publish)".into(),
             Vec::new(),
             0,
+            Vec::new(),
         ));
     }
     if parts.contains("id06d") && binary.exists() {
@@ -519,10 +522,16 @@ fn main() {
             "id06d (line -> debounce, decide, outbox commit -> P/event)".into(),
             Vec::new(),
             0,
+            Vec::new(),
         ));
     }
     if let Some(o) = &other {
-        runs.push((format!("other build {}", o.display()), Vec::new(), 0));
+        runs.push((
+            format!("other build {}", o.display()),
+            Vec::new(),
+            0,
+            Vec::new(),
+        ));
     }
     let per_round = (secs / rounds).max(1);
     eprintln!(
@@ -532,7 +541,7 @@ fn main() {
     let mut next_card = 0u64;
     for round in 0..rounds {
         eprintln!("round {} of {rounds}", round + 1);
-        for (i, (name, latencies, missing)) in runs.iter_mut().enumerate() {
+        for (i, (name, latencies, missing, stages)) in runs.iter_mut().enumerate() {
             let pace = Pace {
                 rate,
                 secs: per_round,
@@ -554,7 +563,7 @@ fn main() {
                     &work.path().join(format!("gateway{i}")),
                     terminal,
                     pace,
-                    (ours && trace_stages).then_some(&mut stages),
+                    trace_stages.then_some(stages),
                 )
             };
             next_card += rate * per_round;
@@ -568,11 +577,11 @@ fn main() {
             *missing += m;
         }
     }
-    for (name, latencies, missing) in runs {
+    for (name, latencies, missing, stages) in runs {
         report.push(line(&name, &figures(latencies, missing)));
-    }
-    if trace_stages {
-        report.extend(stage_report(stages));
+        if trace_stages && !name.starts_with("baseline") {
+            report.extend(stage_report(stages));
+        }
     }
     drop(broker);
     println!("\n--- measured in this run ---");
