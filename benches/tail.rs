@@ -254,6 +254,25 @@ fn figures(timed: Vec<Timed>, missing: usize) -> Figures {
     }
 }
 
+/// Each round's p99 / median and the median of them: one noisy minute of a VM's neighbours
+/// moves the p99 of all cards, not the median round.
+fn rounds_line(per_round: &[(f64, f64)]) -> String {
+    let mut ratios: Vec<f64> = per_round.iter().map(|(m, p)| p / m).collect();
+    let each = ratios
+        .iter()
+        .map(|r| format!("{r:.2}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    ratios.sort_by(f64::total_cmp);
+    if ratios.is_empty() {
+        return "  per round: none".into();
+    }
+    format!(
+        "  per round p99/median: {each}; median round {:.2}",
+        percentile(&ratios, 0.5)
+    )
+}
+
 fn line(name: &str, f: &Figures) -> String {
     format!(
         "{name}: {} cards ({} missing): median {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms; p99/median {:.2}",
@@ -506,7 +525,7 @@ fn main() {
     }
     // Each part: its name, its timed cards, how many did not arrive, and (daemons with
     // ID06D_TAIL_STAGES) where their time went.
-    type Part = (String, Vec<Timed>, usize, Vec<Stages>);
+    type Part = (String, Vec<Timed>, usize, Vec<Stages>, Vec<(f64, f64)>);
     let mut runs: Vec<Part> = Vec::new();
     let trace_stages = std::env::var_os("ID06D_TAIL_STAGES").is_some();
     if parts.contains("baseline") {
@@ -514,6 +533,7 @@ fn main() {
             "baseline (line -> file + fdatasync -> raw QoS 1 publish)".into(),
             Vec::new(),
             0,
+            Vec::new(),
             Vec::new(),
         ));
     }
@@ -523,6 +543,7 @@ fn main() {
             Vec::new(),
             0,
             Vec::new(),
+            Vec::new(),
         ));
     }
     if let Some(o) = &other {
@@ -530,6 +551,7 @@ fn main() {
             format!("other build {}", o.display()),
             Vec::new(),
             0,
+            Vec::new(),
             Vec::new(),
         ));
     }
@@ -541,7 +563,7 @@ fn main() {
     let mut next_card = 0u64;
     for round in 0..rounds {
         eprintln!("round {} of {rounds}", round + 1);
-        for (i, (name, latencies, missing, stages)) in runs.iter_mut().enumerate() {
+        for (i, (name, latencies, missing, stages, rounds_seen)) in runs.iter_mut().enumerate() {
             let pace = Pace {
                 rate,
                 secs: per_round,
@@ -573,12 +595,18 @@ fn main() {
                     m + l.len()
                 );
             }
+            if !l.is_empty() {
+                let mut round: Vec<Duration> = l.iter().map(|t| t.latency).collect();
+                round.sort();
+                rounds_seen.push((ms(percentile(&round, 0.5)), ms(percentile(&round, 0.99))));
+            }
             latencies.extend(l);
             *missing += m;
         }
     }
-    for (name, latencies, missing, stages) in runs {
+    for (name, latencies, missing, stages, per_round) in runs {
         report.push(line(&name, &figures(latencies, missing)));
+        report.push(rounds_line(&per_round));
         if trace_stages && !name.starts_with("baseline") {
             report.extend(stage_report(stages));
         }

@@ -241,6 +241,14 @@ repeat_ms = 1000
     assert_eq!(daemon.terminate(), Some(0));
 }
 
+/// A line reader named "gate" on `peer`'s pty.
+fn line_reader(peer: &PtyPeer) -> String {
+    format!(
+        "[[reader]]\nname = \"gate\"\nkind = \"line\"\npath = \"{}\"\nbaud = 115200\ndirection = \"in\"\n",
+        peer.path().display()
+    )
+}
+
 #[test]
 fn a_burst_of_5000_cards_on_a_line_reader_is_5000_events_and_5000_decisions() {
     let rt = runtime();
@@ -248,14 +256,7 @@ fn a_burst_of_5000_cards_on_a_line_reader_is_5000_events_and_5000_decisions() {
     let mut peer = PtyPeer::open().expect("a pty");
     let dir = scratch();
     let broker = broker(dir.path());
-    let config = TestConfig::write(
-        dir.path(),
-        &broker.url(),
-        &format!(
-            "[[reader]]\nname = \"gate\"\nkind = \"line\"\npath = \"{}\"\nbaud = 115200\ndirection = \"in\"\n",
-            peer.path().display()
-        ),
-    );
+    let config = TestConfig::write(dir.path(), &broker.url(), &line_reader(&peer));
     let p = config.base();
     let topic = format!("{p}/reader/gate");
     let sub = Subscriber::start(
@@ -309,14 +310,7 @@ fn taps_are_recorded_while_nothing_reads_the_daemons_log() {
     let mut peer = PtyPeer::open().expect("a pty");
     let dir = scratch();
     let broker = broker(dir.path());
-    let config = TestConfig::write(
-        dir.path(),
-        &broker.url(),
-        &format!(
-            "[[reader]]\nname = \"gate\"\nkind = \"line\"\npath = \"{}\"\nbaud = 115200\ndirection = \"in\"\n",
-            peer.path().display()
-        ),
-    );
+    let config = TestConfig::write(dir.path(), &broker.url(), &line_reader(&peer));
     let p = config.base();
     let topic = format!("{p}/reader/gate");
     let sub = Subscriber::start(
