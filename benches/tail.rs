@@ -254,10 +254,33 @@ fn figures(timed: Vec<Timed>, missing: usize) -> Figures {
     }
 }
 
+/// One part of the run: what it measured over all its rounds.
+struct Part {
+    name: String,
+    timed: Vec<Timed>,
+    /// Cards whose message did not arrive.
+    missing: usize,
+    /// Where each card's time went (daemons, with `ID06D_TAIL_STAGES`).
+    stages: Vec<Stages>,
+    /// Each round's p99 / median.
+    round_ratios: Vec<f64>,
+}
+
+impl Part {
+    fn new(name: String) -> Part {
+        Part {
+            name,
+            timed: Vec::new(),
+            missing: 0,
+            stages: Vec::new(),
+            round_ratios: Vec::new(),
+        }
+    }
+}
+
 /// Each round's p99 / median and the median of them: one noisy minute of a VM's neighbours
 /// moves the p99 of all cards, not the median round.
-fn rounds_line(per_round: &[(f64, f64)]) -> String {
-    let mut ratios: Vec<f64> = per_round.iter().map(|(m, p)| p / m).collect();
+fn rounds_line(mut ratios: Vec<f64>) -> String {
     let each = ratios
         .iter()
         .map(|r| format!("{r:.2}"))
@@ -523,37 +546,20 @@ fn main() {
             binary.display()
         ));
     }
-    // Each part: its name, its timed cards, how many did not arrive, and (daemons with
-    // ID06D_TAIL_STAGES) where their time went.
-    type Part = (String, Vec<Timed>, usize, Vec<Stages>, Vec<(f64, f64)>);
     let mut runs: Vec<Part> = Vec::new();
     let trace_stages = std::env::var_os("ID06D_TAIL_STAGES").is_some();
     if parts.contains("baseline") {
-        runs.push((
+        runs.push(Part::new(
             "baseline (line -> file + fdatasync -> raw QoS 1 publish)".into(),
-            Vec::new(),
-            0,
-            Vec::new(),
-            Vec::new(),
         ));
     }
     if parts.contains("id06d") && binary.exists() {
-        runs.push((
+        runs.push(Part::new(
             "id06d (line -> debounce, decide, outbox commit -> P/event)".into(),
-            Vec::new(),
-            0,
-            Vec::new(),
-            Vec::new(),
         ));
     }
     if let Some(o) = &other {
-        runs.push((
-            format!("other build {}", o.display()),
-            Vec::new(),
-            0,
-            Vec::new(),
-            Vec::new(),
-        ));
+        runs.push(Part::new(format!("other build {}", o.display())));
     }
     let per_round = (secs / rounds).max(1);
     eprintln!(
@@ -563,7 +569,8 @@ fn main() {
     let mut next_card = 0u64;
     for round in 0..rounds {
         eprintln!("round {} of {rounds}", round + 1);
-        for (i, (name, latencies, missing, stages, rounds_seen)) in runs.iter_mut().enumerate() {
+        for (i, part) in runs.iter_mut().enumerate() {
+            let name = &part.name;
             let pace = Pace {
                 rate,
                 secs: per_round,
@@ -572,8 +579,7 @@ fn main() {
             let (l, m) = if name.starts_with("baseline") {
                 baseline_round(&rt, broker.port, work.path(), pace)
             } else {
-                let ours = name.starts_with("id06d");
-                let (bin, terminal) = if ours {
+                let (bin, terminal) = if name.starts_with("id06d") {
                     (binary.clone(), "gate-bench")
                 } else {
                     (other.clone().unwrap_or_default(), "gate-other")
@@ -585,7 +591,7 @@ fn main() {
                     &work.path().join(format!("gateway{i}")),
                     terminal,
                     pace,
-                    trace_stages.then_some(stages),
+                    trace_stages.then_some(&mut part.stages),
                 )
             };
             next_card += rate * per_round;
@@ -598,17 +604,18 @@ fn main() {
             if !l.is_empty() {
                 let mut round: Vec<Duration> = l.iter().map(|t| t.latency).collect();
                 round.sort();
-                rounds_seen.push((ms(percentile(&round, 0.5)), ms(percentile(&round, 0.99))));
+                part.round_ratios
+                    .push(ms(percentile(&round, 0.99)) / ms(percentile(&round, 0.5)));
             }
-            latencies.extend(l);
-            *missing += m;
+            part.timed.extend(l);
+            part.missing += m;
         }
     }
-    for (name, latencies, missing, stages, per_round) in runs {
-        report.push(line(&name, &figures(latencies, missing)));
-        report.push(rounds_line(&per_round));
-        if trace_stages && !name.starts_with("baseline") {
-            report.extend(stage_report(stages));
+    for part in runs {
+        report.push(line(&part.name, &figures(part.timed, part.missing)));
+        report.push(rounds_line(part.round_ratios));
+        if trace_stages && !part.name.starts_with("baseline") {
+            report.extend(stage_report(part.stages));
         }
     }
     drop(broker);

@@ -92,15 +92,10 @@ pub(crate) fn runtime(message: impl Into<String>) -> Failure {
     }
 }
 
+/// A short command's log: written to stderr where it is logged (its lines and its error
+/// messages stay in order).
 pub(crate) fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
+    crate::ops::logging::install(default, std::io::stderr);
 }
 
 /// `id06d ARGS…`: parses the command line, runs the command, and says how it went.

@@ -464,18 +464,13 @@ impl MqttTask {
         // it into the database (it does so after letting it go out): its acknowledgement
         // waits for that, or the event would be pending again once it is put in.
         let applied = self.outbox.last_pos();
-        let early: Vec<u64> = window
-            .acked
-            .iter()
-            .copied()
-            .filter(|p| *p > applied)
-            .collect();
-        window.acked.retain(|p| *p <= applied);
-        if window.acked.is_empty() {
-            window.acked = early;
+        let (ready, early): (Vec<u64>, Vec<u64>) =
+            window.acked.drain(..).partition(|p| *p <= applied);
+        window.acked = early;
+        if ready.is_empty() {
             return;
         }
-        match self.outbox.ack_many(&window.acked) {
+        match self.outbox.ack_many(&ready) {
             Ok(n) => {
                 self.shared
                     .counters
@@ -485,7 +480,6 @@ impl MqttTask {
             }
             Err(e) => tracing::error!("cannot remove delivered events from the outbox: {e}"),
         }
-        window.acked = early;
     }
 
     /// Sends a just-recorded event on `P/event` straight from its decision when it is the

@@ -24,29 +24,42 @@ pub fn dropped_lines() -> u64 {
     DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
 }
 
-/// Keeps the writer thread; dropping it writes out what is queued (at the end of `main`).
+/// Keeps the writer thread; dropping it writes out what is queued (when `run` or `demo`
+/// returns).
 pub struct LogGuard(#[allow(dead_code)] WorkerGuard);
 
 /// Logs with `RUST_LOG`, or `default` when it is unset or invalid, through the writer
 /// thread. `None` when a logger was already installed (a test's).
 pub fn init_daemon_logging(default: &str) -> Option<LogGuard> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(QUEUED_LINES)
         .thread_name("log-writer")
         .finish(std::io::stderr());
     let counter = writer.error_counter();
+    if !install(default, writer) {
+        return None;
+    }
+    let _ = DROPPED.set(counter);
+    Some(LogGuard(guard))
+}
+
+/// Installs the log format every command uses (no targets; colours on a terminal) with
+/// `RUST_LOG`, or `default` when it is unset or invalid, writing to `writer`. False when a
+/// logger was already installed.
+pub(crate) fn install<W>(default: &str, writer: W) -> bool
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init()
-        .ok()?;
-    let _ = DROPPED.set(counter);
-    Some(LogGuard(guard))
+        .is_ok()
 }
 
 /// Says, once stderr takes lines again, how many were dropped since the last time it was

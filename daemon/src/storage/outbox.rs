@@ -176,9 +176,8 @@ pub struct Outbox {
 pub struct Committed {
     outbox: Outbox,
     recorded: Vec<(u64, Event)>,
-    inserts: Vec<Insert>,
-    pos: u64,
-    applied: bool,
+    /// The log record's inserts and the last position, until applied.
+    unapplied: Option<(Vec<Insert>, u64)>,
 }
 
 impl Committed {
@@ -195,9 +194,8 @@ impl Committed {
     }
 
     fn apply_now(&mut self) {
-        if !self.applied {
-            self.applied = true;
-            self.outbox.apply_committed(&self.inserts, self.pos);
+        if let Some((inserts, pos)) = self.unapplied.take() {
+            self.outbox.apply_committed(&inserts, pos);
         }
     }
 }
@@ -477,9 +475,7 @@ impl Outbox {
         let mut committed = Committed {
             outbox: self.clone(),
             recorded: Vec::with_capacity(events.len()),
-            inserts: Vec::new(),
-            pos: 0,
-            applied: true,
+            unapplied: None,
         };
         if events.is_empty() && toggles.is_empty() {
             return Ok(committed);
@@ -531,9 +527,7 @@ impl Outbox {
         if confirm {
             self.unconfirmed.fetch_add(n, Ordering::AcqRel);
         }
-        committed.inserts = inserts;
-        committed.pos = pos;
-        committed.applied = false;
+        committed.unapplied = Some((inserts, pos));
         Ok(committed)
     }
 
