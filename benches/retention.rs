@@ -1,24 +1,33 @@
-//! Retention pruning beside live taps (#17 goal 1: nothing slow on the tap's path).
+//! Housekeeping beside live taps (#17 goal 1: nothing slow on the tap's path).
 //!
-//! A data directory holds delivered events older than `keep_days` (an operator lowered
-//! `keep_days`, or a busy site's first prune after an upgrade). The daemon prunes them on a
-//! blocking thread at start and hourly while the tap pipeline goes on recording. Here the
-//! same happens in one process: taps are recorded every 5 ms the way the pipeline records
-//! them (the log record synced, then applied to the database, then acknowledged as the
-//! MQTT task does), once while `prune_delivered` runs and once with no prune, in the same
-//! run on equal stores. Reported per part: time to durable (what delays the event), time
-//! to apply and acknowledge (what delays the next tap), median / p99 / max, and the ratio
-//! of the pruning part's max to the quiet part's.
+//! The outbox and the blocklist share one sled database, and sled has one lock for the
+//! whole process that its batches and transactions hold exclusively. Two kinds of
+//! housekeeping run beside the tap pipeline:
+//!
+//! - `prune`: a data directory holds delivered events older than `keep_days` (an operator
+//!   lowered `keep_days`, or a busy site's first prune after an upgrade); the daemon prunes
+//!   them on a blocking thread at start and hourly.
+//! - `update`: a blocklist update with many changes arrives on the list session.
+//!
+//! Here each happens in one process while taps are recorded every 5 ms the way the pipeline
+//! records them (the log record synced, then applied to the database, then acknowledged as
+//! the MQTT task does), and the same taps are recorded with nothing else going on (`quiet`),
+//! in the same run on equal stores. Reported per part: time to durable (what delays the
+//! event), time to apply and acknowledge (what delays the next tap), median / p99 / max,
+//! and the ratio of each part's worst tap to the quiet part's.
 //!
 //! Run: `cargo bench -p id06d --bench retention`; `ID06D_PRUNE_EVENTS` (default 100 000)
-//! old events, `ID06D_PRUNE_ROUNDS` (default 3) alternating rounds.
+//! old events, `ID06D_UPDATE_CHANGES` (default 50 000) cards in the update,
+//! `ID06D_PRUNE_ROUNDS` (default 3) rounds.
 
 mod common;
 
 use common::{env_or, ms};
 use id06_protocol::{
-    CardStatus, CardUid, Decision, Direction, Event, EventSchema, StreamId, UtcMillis,
+    BlocklistUpdate, CardStatus, CardUid, Decision, Direction, Event, EventSchema, SetEntry,
+    StreamId, UtcMillis, UPDATE_SCHEMA,
 };
+use id06d::lists::blocklist::Blocklist;
 use id06d::storage::outbox::Outbox;
 use id06d::storage::store::Store;
 use std::time::{Duration, Instant};
@@ -110,57 +119,94 @@ fn summary(name: &str, d: &mut [Duration]) -> (f64, String) {
     )
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Load {
+    Prune,
+    Update,
+    Quiet,
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
     let old: u64 = env_or("ID06D_PRUNE_EVENTS", 100_000);
+    let changes: u64 = env_or("ID06D_UPDATE_CHANGES", 50_000);
     let rounds: usize = env_or("ID06D_PRUNE_ROUNDS", 3);
     let mut report = Vec::new();
     for round in 1..=rounds {
-        for pruning in [true, false] {
+        for load in [Load::Prune, Load::Update, Load::Quiet] {
             let dir = tempfile::tempdir().unwrap();
             eprintln!("round {round}: filling a store with {old} old delivered events");
-            let (_store, outbox) = filled(dir.path(), old);
+            let (store, outbox) = filled(dir.path(), old);
             let _checkpoints = outbox.start_checkpoints().unwrap();
-            let (mut taps, prune) = if pruning {
-                let pruner = outbox.clone();
-                let cutoff = UtcMillis(UtcMillis::now().as_millis() - 14 * DAY_MS);
-                let started = Instant::now();
-                let thread = std::thread::spawn(move || {
-                    let got = pruner.prune_delivered(cutoff).unwrap();
-                    (got, started.elapsed())
-                });
-                let taps = record_taps(&outbox, 20, || thread.is_finished());
-                let ((removed, _), took) = thread.join().unwrap();
-                assert_eq!(removed, old, "every old event pruned");
-                (taps, Some(took))
-            } else {
-                (record_taps(&outbox, 400, || true), None)
-            };
-            let part = match prune {
-                Some(took) => format!("round {round}, pruning {old} events ({:.0} ms)", ms(took)),
-                None => format!("round {round}, no prune"),
+            let started = Instant::now();
+            let (mut taps, part) = match load {
+                Load::Prune => {
+                    let pruner = outbox.clone();
+                    let cutoff = UtcMillis(UtcMillis::now().as_millis() - 14 * DAY_MS);
+                    let thread = std::thread::spawn(move || pruner.prune_delivered(cutoff));
+                    let taps = record_taps(&outbox, 20, || thread.is_finished());
+                    let (removed, _) = thread.join().unwrap().unwrap();
+                    assert_eq!(removed, old, "every old event pruned");
+                    let took = ms(started.elapsed());
+                    (taps, format!("pruning {old} events ({took:.0} ms)"))
+                }
+                Load::Update => {
+                    let list = Blocklist::open(&store.db, dir.path()).unwrap();
+                    let update = BlocklistUpdate {
+                        schema: UPDATE_SCHEMA.into(),
+                        from_version: 0,
+                        to_version: 1,
+                        set: (0..changes)
+                            .map(|i| SetEntry {
+                                card_uid: CardUid::parse(&format!("04{:012X}", i * 7919)).unwrap(),
+                                status: CardStatus::Blocked,
+                            })
+                            .collect(),
+                        clear: Vec::new(),
+                        signature: None,
+                    };
+                    let thread = std::thread::spawn(move || {
+                        list.apply_update(&update, UtcMillis::now())
+                            .map_err(|e| format!("{e:?}"))
+                    });
+                    let taps = record_taps(&outbox, 20, || thread.is_finished());
+                    thread.join().unwrap().unwrap();
+                    let took = ms(started.elapsed());
+                    (
+                        taps,
+                        format!("a blocklist update of {changes} cards ({took:.0} ms)"),
+                    )
+                }
+                Load::Quiet => (record_taps(&outbox, 400, || true), "quiet".to_string()),
             };
             let (dmax, d) = summary("durable", &mut taps.durable);
             let (amax, a) = summary("applied + acked", &mut taps.applied);
-            report.push((pruning, dmax, amax, format!("{part}\n  {d}\n  {a}")));
+            report.push((
+                load,
+                dmax,
+                amax,
+                format!("round {round}, {part}\n  {d}\n  {a}"),
+            ));
         }
     }
     println!("\n--- measured in this run ---");
     for (_, _, _, line) in &report {
         println!("{line}");
     }
-    let worst = |pruning: bool, pick: fn(&(bool, f64, f64, String)) -> f64| {
+    let worst = |load: Load, pick: fn(&(Load, f64, f64, String)) -> f64| {
         report
             .iter()
-            .filter(|r| r.0 == pruning)
+            .filter(|r| r.0 == load)
             .map(pick)
             .fold(0.0, f64::max)
     };
-    println!(
-        "worst tap while pruning / without: durable {:.2}x, applied + acked {:.2}x",
-        worst(true, |r| r.1) / worst(false, |r| r.1),
-        worst(true, |r| r.2) / worst(false, |r| r.2),
-    );
+    for (load, name) in [(Load::Prune, "pruning"), (Load::Update, "an update")] {
+        println!(
+            "worst tap during {name} / quiet: durable {:.2}x, applied + acked {:.2}x",
+            worst(load, |r| r.1) / worst(Load::Quiet, |r| r.1),
+            worst(load, |r| r.2) / worst(Load::Quiet, |r| r.2),
+        );
+    }
 }

@@ -25,10 +25,10 @@
 
 use crate::lists::base::{read_base, BaseWriter};
 use crate::lists::index::{CompactIndex, IndexFile};
+use crate::lists::pending::PendingUpdate;
 use crate::storage::store::{decode_i64, decode_u64, StoreError};
 use arc_swap::ArcSwap;
 use id06_protocol::{BlocklistUpdate, CardStatus, CardUid, SnapshotChunk, UtcMillis};
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -45,6 +45,8 @@ const BLOB_CARDS: usize = 50_000;
 pub const COMPACT_AFTER: usize = 200_000;
 const VERSION: &[u8] = b"version";
 const CONFIRMED_AT: &[u8] = b"confirmed_at";
+/// The redo record of an update being written ([`crate::lists::pending`]).
+const PENDING_UPDATE: &[u8] = b"pending_update";
 /// The CRC of the index file saved for the current generation's base.
 const INDEX_CRC: &[u8] = b"index_crc";
 /// Cards in the current generation's base (sizes the index when it is rebuilt).
@@ -354,6 +356,7 @@ impl Blocklist {
             read_saved_index: Arc::default(),
         };
         bl.remove_stray_files(generation);
+        bl.finish_pending()?;
         let (index, deltas) = bl.build_index()?;
         bl.current.store(Arc::new(index));
         *bl.writer.lock().unwrap_or_else(|p| p.into_inner()) = deltas;
@@ -669,6 +672,8 @@ impl Blocklist {
         flip.insert(CONFIRMED_AT, &now.as_millis().to_be_bytes());
         flip.insert(BASE_CARDS, &(cards as u64).to_be_bytes());
         flip.insert(BASE_CHUNKS, &base_chunks.to_be_bytes());
+        // An update left half-written is older than a list written whole.
+        flip.remove(PENDING_UPDATE);
         match saved {
             Some(crc) => flip.insert(INDEX_CRC, &u64::from(crc).to_be_bytes()),
             None => flip.remove(INDEX_CRC),
@@ -729,10 +734,39 @@ impl Blocklist {
     }
 
     /// Applies an update (already checked on its own, signature included) on top of the
-    /// list in force: durably and atomically in sled, then swapped in memory. Returns the
-    /// new version.
+    /// list in force: durably and all or nothing in the database (see
+    /// [`crate::lists::pending`]), then swapped in memory. Returns the new version.
     pub fn apply_update(&self, update: &BlocklistUpdate, now: UtcMillis) -> Result<u64, Rejection> {
         let mut deltas = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let storage = |e: StoreError| Rejection::Storage(e.to_string());
+        // An update that the disk refused half-way is finished first: its changes may be
+        // in the database in part.
+        match self.finish_pending().map_err(storage)? {
+            Pending::None => {}
+            Pending::Finished(p) => {
+                *deltas += p.changes.len();
+                let (set, clear) = split_changes(&p.changes);
+                let current = self.index();
+                let entries = Arc::new(current.entries.with_changes(&set, &clear));
+                drop(current);
+                self.publish(BlocklistIndex {
+                    entries,
+                    version: p.to_version,
+                    confirmed_at: Some(UtcMillis(p.confirmed_at)),
+                });
+            }
+            Pending::Damaged => {
+                let current = self.index();
+                let entries = current.entries.clone();
+                let confirmed_at = current.confirmed_at;
+                drop(current);
+                self.publish(BlocklistIndex {
+                    entries,
+                    version: 0,
+                    confirmed_at,
+                });
+            }
+        }
         let current = self.index();
         let have = current.version;
         if update.from_version != have {
@@ -749,37 +783,30 @@ impl Blocklist {
                 }
             });
         }
-        let storage = |e: String| Rejection::Storage(e);
-        let generation = self.generation().map_err(|e| storage(e.to_string()))?;
-        let entries = self
-            .db
-            .open_tree(tree_name(generation))
-            .map_err(|e| storage(e.to_string()))?;
-        let result: Result<(), TransactionError<()>> =
-            (&entries, &self.meta).transaction(|(tx_entries, tx_meta)| {
-                let key = |uid: &CardUid| {
-                    let mut k = Vec::with_capacity(1 + uid.len());
-                    k.push(DELTA);
-                    k.extend_from_slice(uid.as_bytes());
-                    k
-                };
-                for e in &update.set {
-                    let code = if e.status.is_listed() {
-                        e.status.code()
-                    } else {
-                        CLEARED
-                    };
-                    tx_entries.insert(key(&e.card_uid), &[code])?;
-                }
-                for uid in &update.clear {
-                    tx_entries.insert(key(uid), &[CLEARED])?;
-                }
-                tx_meta.insert(VERSION, &update.to_version.to_be_bytes())?;
-                tx_meta.insert(CONFIRMED_AT, &now.as_millis().to_be_bytes())?;
-                Ok::<(), ConflictableTransactionError<()>>(())
-            });
-        result.map_err(|e| storage(format!("{e:?}")))?;
-        crate::storage::store::flush_db(&self.db, &self.dir).map_err(|e| storage(e.to_string()))?;
+        // Cleared cards first, then set ones, as the index applies them: a card in both
+        // ends up set, in memory and in the database alike.
+        let mut changes: Vec<(CardUid, u8)> =
+            Vec::with_capacity(update.clear.len() + update.set.len());
+        changes.extend(update.clear.iter().map(|uid| (*uid, CLEARED)));
+        changes.extend(update.set.iter().map(|e| {
+            let code = if e.status.is_listed() {
+                e.status.code()
+            } else {
+                CLEARED
+            };
+            (e.card_uid, code)
+        }));
+        let pending = PendingUpdate {
+            generation: self.generation().map_err(storage)?,
+            to_version: update.to_version,
+            confirmed_at: now.as_millis(),
+            changes,
+        };
+        self.meta
+            .insert(PENDING_UPDATE, pending.encode())
+            .map_err(|e| storage(self.err(e)))?;
+        crate::storage::store::flush_db(&self.db, &self.dir).map_err(storage)?;
+        self.write_changes(&pending).map_err(storage)?;
         let set: Vec<(CardUid, CardStatus)> =
             update.set.iter().map(|e| (e.card_uid, e.status)).collect();
         let entries = if update.is_empty() {
@@ -804,6 +831,67 @@ impl Blocklist {
         }
         self.publish(next);
         Ok(update.to_version)
+    }
+
+    /// Writes the changes of an update whose redo record is durable into its generation's
+    /// tree, one insert each, then sets the version and removes the record in one small
+    /// batch; synced between and after, so that the version never says more is in force
+    /// than the disk holds.
+    fn write_changes(&self, p: &PendingUpdate) -> Result<(), StoreError> {
+        let tree = self
+            .db
+            .open_tree(tree_name(p.generation))
+            .map_err(|e| self.err(e))?;
+        for (uid, code) in &p.changes {
+            tree.insert(delta_key(uid), &[*code])
+                .map_err(|e| self.err(e))?;
+        }
+        crate::storage::store::flush_db(&self.db, &self.dir)?;
+        let mut flip = sled::Batch::default();
+        flip.insert(VERSION, &p.to_version.to_be_bytes());
+        flip.insert(CONFIRMED_AT, &p.confirmed_at.to_be_bytes());
+        flip.remove(PENDING_UPDATE);
+        self.meta.apply_batch(flip).map_err(|e| self.err(e))?;
+        crate::storage::store::flush_db(&self.db, &self.dir)
+    }
+
+    /// Finishes an update found half-written in the database (the gateway stopped, or the
+    /// disk refused a write, while it was being written).
+    fn finish_pending(&self) -> Result<Pending, StoreError> {
+        let Some(bytes) = self.meta.get(PENDING_UPDATE).map_err(|e| self.err(e))? else {
+            return Ok(Pending::None);
+        };
+        match PendingUpdate::decode(&bytes) {
+            Ok(p) if p.generation == self.generation()? => {
+                self.write_changes(&p)?;
+                tracing::info!(
+                    version = p.to_version,
+                    changes = p.changes.len(),
+                    "finished a blocklist update that was being written when the gateway stopped"
+                );
+                Ok(Pending::Finished(p))
+            }
+            Ok(_) => {
+                // The list was replaced whole since: the update is history.
+                self.meta.remove(PENDING_UPDATE).map_err(|e| self.err(e))?;
+                crate::storage::store::flush_db(&self.db, &self.dir)?;
+                Ok(Pending::None)
+            }
+            Err(why) => {
+                // Which of its changes reached the disk is unknown: the list keeps its
+                // cards but no version, so that no update is applied on top of it and the
+                // next snapshot replaces it.
+                tracing::error!(
+                    "the blocklist update being written when the gateway stopped cannot be read back ({why}); the list keeps its cards but its version is now 0 until the next snapshot replaces it"
+                );
+                let mut flip = sled::Batch::default();
+                flip.insert(VERSION, &0u64.to_be_bytes());
+                flip.remove(PENDING_UPDATE);
+                self.meta.apply_batch(flip).map_err(|e| self.err(e))?;
+                crate::storage::store::flush_db(&self.db, &self.dir)?;
+                Ok(Pending::Damaged)
+            }
+        }
     }
 
     /// Replaces the list with a verified snapshot, unless it is not newer than the list in
@@ -840,6 +928,38 @@ impl Blocklist {
 
 fn tree_name(generation: u64) -> String {
     format!("blocklist.{generation}")
+}
+
+/// The key of a card's change in a generation's tree.
+fn delta_key(uid: &CardUid) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + uid.len());
+    k.push(DELTA);
+    k.extend_from_slice(uid.as_bytes());
+    k
+}
+
+/// Stored changes as the index takes them: cards set (with their status) and cleared.
+fn split_changes(changes: &[(CardUid, u8)]) -> (Vec<(CardUid, CardStatus)>, Vec<CardUid>) {
+    let mut set = Vec::new();
+    let mut clear = Vec::new();
+    for (uid, code) in changes {
+        if *code == CLEARED {
+            clear.push(*uid);
+        } else if let Some(status) = CardStatus::from_code(*code) {
+            set.push((*uid, status));
+        }
+    }
+    (set, clear)
+}
+
+/// What [`Blocklist::finish_pending`] found.
+enum Pending {
+    /// No update was half-written.
+    None,
+    /// An update was half-written and is now in the database.
+    Finished(PendingUpdate),
+    /// A half-written update's record could not be read: the version was set to 0.
+    Damaged,
 }
 
 #[cfg(test)]
@@ -1128,6 +1248,142 @@ mod tests {
             idx.lookup(&CardUid::parse("04A1B2C3D4E5F6").unwrap()),
             Some(CardStatus::Suspended)
         );
+    }
+
+    /// An update left half-written: its redo record durable and `written` of its changes
+    /// in the tree, as a crash between the two leaves it.
+    fn half_written(bl: &Blocklist, p: &PendingUpdate, written: usize) {
+        bl.meta.insert(PENDING_UPDATE, p.encode()).unwrap();
+        let tree = bl.db.open_tree(tree_name(p.generation)).unwrap();
+        for (uid, code) in &p.changes[..written] {
+            tree.insert(delta_key(uid), &[*code]).unwrap();
+        }
+        bl.db.flush().unwrap();
+    }
+
+    #[test]
+    fn an_update_cut_short_by_a_crash_is_finished_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        let a = CardUid::parse("04A1B2C3").unwrap();
+        let b = CardUid::parse("04A1B2C3D4E5F6").unwrap();
+        let c = CardUid::parse("04A1B2C3D4E5F7").unwrap();
+        bl.replace(&[(a, CardStatus::Blocked)], 5, UtcMillis(0), |_| {})
+            .unwrap();
+        let p = PendingUpdate {
+            generation: bl.generation().unwrap(),
+            to_version: 6,
+            confirmed_at: 7_000,
+            changes: vec![
+                (a, CLEARED),
+                (b, CardStatus::Suspended.code()),
+                (c, CardStatus::Terminated.code()),
+            ],
+        };
+        half_written(&bl, &p, 1);
+        drop(bl);
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        let idx = bl.index();
+        assert_eq!(idx.version, 6);
+        assert_eq!(idx.confirmed_at, Some(UtcMillis(7_000)));
+        assert_eq!(idx.lookup(&a), None);
+        assert_eq!(idx.lookup(&b), Some(CardStatus::Suspended));
+        assert_eq!(idx.lookup(&c), Some(CardStatus::Terminated));
+        assert_eq!(bl.meta.get(PENDING_UPDATE).unwrap(), None, "record removed");
+        // The next update applies on top of the finished one.
+        let u = update(6, 7, &[("04A1B2C3", CardStatus::Produced)], &[]);
+        assert_eq!(bl.apply_update(&u, UtcMillis(8_000)), Ok(7));
+    }
+
+    #[test]
+    fn an_update_the_disk_refused_half_way_is_finished_before_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        let a = CardUid::parse("04A1B2C3").unwrap();
+        bl.replace(&[], 5, UtcMillis(0), |_| {}).unwrap();
+        let p = PendingUpdate {
+            generation: bl.generation().unwrap(),
+            to_version: 6,
+            confirmed_at: 7_000,
+            changes: vec![(a, CardStatus::Blocked.code())],
+        };
+        half_written(&bl, &p, 0);
+        assert_eq!(bl.index().version, 5, "not in force while half-written");
+        // The same update sent again is now old; the list holds it.
+        assert!(matches!(
+            bl.apply_update(
+                &update(5, 6, &[("04A1B2C3", CardStatus::Blocked)], &[]),
+                UtcMillis(8_000)
+            ),
+            Err(Rejection::Old { have: 6, .. })
+        ));
+        assert_eq!(bl.index().lookup(&a), Some(CardStatus::Blocked));
+        assert_eq!(
+            bl.apply_update(&update(6, 7, &[], &["04A1B2C3"]), UtcMillis(9_000)),
+            Ok(7)
+        );
+        assert_eq!(bl.index().lookup(&a), None);
+    }
+
+    #[test]
+    fn a_half_written_update_of_a_list_since_replaced_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        let a = CardUid::parse("04A1B2C3").unwrap();
+        bl.replace(&[], 5, UtcMillis(0), |_| {}).unwrap();
+        let older = PendingUpdate {
+            generation: bl.generation().unwrap() + 7,
+            to_version: 6,
+            confirmed_at: 7_000,
+            changes: vec![(a, CardStatus::Blocked.code())],
+        };
+        bl.meta.insert(PENDING_UPDATE, older.encode()).unwrap();
+        drop(bl);
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        assert_eq!(bl.index().version, 5);
+        assert_eq!(bl.index().lookup(&a), None);
+        assert_eq!(bl.meta.get(PENDING_UPDATE).unwrap(), None);
+    }
+
+    #[test]
+    fn a_damaged_update_record_keeps_the_cards_without_a_version_until_a_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        let a = CardUid::parse("04A1B2C3").unwrap();
+        bl.replace(&[(a, CardStatus::Blocked)], 5, UtcMillis(0), |_| {})
+            .unwrap();
+        bl.meta
+            .insert(PENDING_UPDATE, &b"not a record"[..])
+            .unwrap();
+        drop(bl);
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        assert_eq!(bl.index().version, 0, "which changes landed is unknown");
+        assert_eq!(bl.index().lookup(&a), Some(CardStatus::Blocked));
+        assert!(matches!(
+            bl.apply_update(&update(5, 6, &[], &[]), UtcMillis(1)),
+            Err(Rejection::Gap { have: 0, from: 5 })
+        ));
+        assert!(bl.apply_snapshot(6, &[], UtcMillis(2)).unwrap());
+        assert_eq!(bl.index().version, 6);
+    }
+
+    #[test]
+    fn a_card_both_cleared_and_set_in_one_update_is_set_before_and_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        let a = CardUid::parse("04A1B2C3").unwrap();
+        bl.replace(&[], 5, UtcMillis(0), |_| {}).unwrap();
+        let u = update(5, 6, &[("04A1B2C3", CardStatus::Blocked)], &["04A1B2C3"]);
+        assert_eq!(bl.apply_update(&u, UtcMillis(1)), Ok(6));
+        assert_eq!(bl.index().lookup(&a), Some(CardStatus::Blocked));
+        drop(bl);
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        assert_eq!(bl.index().lookup(&a), Some(CardStatus::Blocked));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 pub mod base;
 pub mod blocklist;
 pub mod index;
+pub mod pending;
 pub mod signing;
 pub mod site_list;
 pub mod sync;
