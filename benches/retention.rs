@@ -8,6 +8,7 @@
 //!   lowered `keep_days`, or a busy site's first prune after an upgrade); the daemon prunes
 //!   them on a blocking thread at start and hourly.
 //! - `update`: a blocklist update with many changes arrives on the list session.
+//! - `site list`: a site's own list is imported whole (`id06d site-list import`).
 //!
 //! Here each happens in one process while taps are recorded every 5 ms the way the pipeline
 //! records them (the log record synced, then applied to the database, then acknowledged as
@@ -17,7 +18,8 @@
 //! and the ratio of each part's worst tap to the quiet part's.
 //!
 //! Run: `cargo bench -p id06d --bench retention`; `ID06D_PRUNE_EVENTS` (default 100 000)
-//! old events, `ID06D_UPDATE_CHANGES` (default 50 000) cards in the update,
+//! old events, `ID06D_UPDATE_CHANGES` (default 50 000) cards in the update and in the site
+//! list (written over one as large),
 //! `ID06D_PRUNE_ROUNDS` (default 3) rounds.
 
 mod common;
@@ -28,6 +30,7 @@ use id06_protocol::{
     StreamId, UtcMillis, UPDATE_SCHEMA,
 };
 use id06d::lists::blocklist::Blocklist;
+use id06d::lists::site_list::{SiteEntry, SiteList};
 use id06d::storage::outbox::Outbox;
 use id06d::storage::store::Store;
 use std::time::{Duration, Instant};
@@ -123,6 +126,7 @@ fn summary(name: &str, d: &mut [Duration]) -> (f64, String) {
 enum Load {
     Prune,
     Update,
+    SiteList,
     Quiet,
 }
 
@@ -135,7 +139,7 @@ fn main() {
     let rounds: usize = env_or("ID06D_PRUNE_ROUNDS", 3);
     let mut report = Vec::new();
     for round in 1..=rounds {
-        for load in [Load::Prune, Load::Update, Load::Quiet] {
+        for load in [Load::Prune, Load::Update, Load::SiteList, Load::Quiet] {
             let dir = tempfile::tempdir().unwrap();
             eprintln!("round {round}: filling a store with {old} old delivered events");
             let (store, outbox) = filled(dir.path(), old);
@@ -179,6 +183,31 @@ fn main() {
                         format!("a blocklist update of {changes} cards ({took:.0} ms)"),
                     )
                 }
+                Load::SiteList => {
+                    let list = SiteList::open(&store.db, dir.path()).unwrap();
+                    let entries = |salt: u64| -> Vec<(CardUid, SiteEntry)> {
+                        (0..changes)
+                            .map(|i| {
+                                let uid = format!("04{:012X}", i * 7919 + salt);
+                                (CardUid::parse(&uid).unwrap(), SiteEntry::Allow)
+                            })
+                            .collect()
+                    };
+                    list.replace(&entries(1), 1, UtcMillis::now()).unwrap();
+                    let next = entries(2);
+                    let started = Instant::now();
+                    let thread = std::thread::spawn(move || {
+                        list.replace(&next, 2, UtcMillis::now())
+                            .map_err(|e| e.to_string())
+                    });
+                    let taps = record_taps(&outbox, 20, || thread.is_finished());
+                    thread.join().unwrap().unwrap();
+                    let took = ms(started.elapsed());
+                    (
+                        taps,
+                        format!("a site list of {changes} cards over another ({took:.0} ms)"),
+                    )
+                }
                 Load::Quiet => (record_taps(&outbox, 400, || true), "quiet".to_string()),
             };
             let (dmax, d) = summary("durable", &mut taps.durable);
@@ -202,7 +231,11 @@ fn main() {
             .map(pick)
             .fold(0.0, f64::max)
     };
-    for (load, name) in [(Load::Prune, "pruning"), (Load::Update, "an update")] {
+    for (load, name) in [
+        (Load::Prune, "pruning"),
+        (Load::Update, "an update"),
+        (Load::SiteList, "a site list import"),
+    ] {
         println!(
             "worst tap during {name} / quiet: durable {:.2}x, applied + acked {:.2}x",
             worst(load, |r| r.1) / worst(Load::Quiet, |r| r.1),

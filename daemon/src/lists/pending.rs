@@ -1,4 +1,5 @@
-//! The redo record of a blocklist update on its way into the database.
+//! The redo record of a list write on its way into the database: a blocklist update's
+//! changes, or a site list written whole (`site_list.rs`, generation 0).
 //!
 //! An update's per-card changes go into sled one insert at a time, not in one sled
 //! transaction: sled 0.34 has a single lock for the whole process, which its transactions

@@ -8,9 +8,14 @@
 //! always applies first (a terminated card stays denied whatever the site says).
 //!
 //! Storage: sled tree `site_list`: UID bytes → `b` (banned) or `a` (allowed); tree
-//! `site_list_meta`: `version`, `updated_at`. Lookups are served from an immutable in-memory
-//! map swapped whole on every change (site lists hold hundreds or thousands of cards).
+//! `site_list_meta`: `version`, `updated_at`, and while a list is being written its redo
+//! record `pending` ([`crate::lists::pending`]: every entry and the version, synced before
+//! the first entry is written, removed with the version's flip), so that a list is written
+//! one insert at a time, never holding sled's process-wide lock against the taps, and
+//! still all or nothing. Lookups are served from an immutable in-memory map swapped whole
+//! on every change (site lists hold hundreds or thousands of cards).
 
+use crate::lists::pending::PendingUpdate;
 use crate::storage::store::{decode_i64, decode_u64, StoreError};
 use arc_swap::ArcSwap;
 use id06_protocol::{CardUid, UtcMillis};
@@ -180,6 +185,7 @@ impl SiteList {
         let err = |e| StoreError::from_sled(dir, e);
         let tree = db.open_tree("site_list").map_err(err)?;
         let meta = db.open_tree("site_list_meta").map_err(err)?;
+        finish_pending(db, dir, &tree, &meta)?;
         let mut entries = HashMap::new();
         for item in tree.iter() {
             let (k, v) = item.map_err(err)?;
@@ -225,7 +231,8 @@ impl SiteList {
     }
 
     /// Replaces the list with `entries` as `version` (which must be newer), atomically and
-    /// durably; returns the version replaced.
+    /// durably; returns the version replaced. Should the disk refuse a write half-way, the
+    /// list in force stays and the next start finishes writing this one.
     pub fn replace(
         &self,
         entries: &[(CardUid, SiteEntry)],
@@ -243,31 +250,15 @@ impl SiteList {
         let err = |e| StoreError::from_sled(&self.dir, e);
         let tree = self.db.open_tree("site_list").map_err(err)?;
         let meta = self.db.open_tree("site_list_meta").map_err(err)?;
-        // The list is small: clear it by its keys (read before the transaction: reading a
-        // tree inside a transaction that writes it never returns), then write the new one.
-        let old: Vec<sled::IVec> = tree.iter().keys().collect::<Result<_, _>>().map_err(err)?;
-        use sled::Transactional;
-        let result: Result<(), sled::transaction::TransactionError<()>> = (&tree, &meta)
-            .transaction(|(t, m)| {
-                for key in &old {
-                    t.remove(key)?;
-                }
-                for (uid, entry) in entries {
-                    let code: &[u8] = match entry {
-                        SiteEntry::Ban => b"b",
-                        SiteEntry::Allow => b"a",
-                    };
-                    t.insert(uid.as_bytes(), code)?;
-                }
-                m.insert("version", &version.to_be_bytes())?;
-                m.insert("updated_at", &now.as_millis().to_be_bytes())?;
-                Ok(())
-            });
-        result.map_err(|e| StoreError::Io {
-            dir: self.dir.clone(),
-            detail: format!("cannot store the site list: {e:?}"),
-        })?;
+        let record = PendingUpdate {
+            generation: 0,
+            to_version: version,
+            confirmed_at: now.as_millis(),
+            changes: entries.iter().map(|(uid, e)| (*uid, code(*e))).collect(),
+        };
+        meta.insert(PENDING, record.encode()).map_err(err)?;
         crate::storage::store::flush_db(&self.db, &self.dir)?;
+        write_list(&self.db, &self.dir, &tree, &meta, &record)?;
         self.current.store(Arc::new(SiteIndex {
             entries: entries.iter().copied().collect(),
             version,
@@ -275,6 +266,86 @@ impl SiteList {
         }));
         Ok(have)
     }
+}
+
+/// The site list's redo record in `site_list_meta`.
+const PENDING: &[u8] = b"pending";
+
+fn code(entry: SiteEntry) -> u8 {
+    match entry {
+        SiteEntry::Ban => b'b',
+        SiteEntry::Allow => b'a',
+    }
+}
+
+/// Writes the list of a durable redo record: the entries not on it removed and its own
+/// inserted, one at a time, synced, then the version set and the record removed in one
+/// small batch, synced.
+fn write_list(
+    db: &sled::Db,
+    dir: &Path,
+    tree: &sled::Tree,
+    meta: &sled::Tree,
+    record: &PendingUpdate,
+) -> Result<(), StoreError> {
+    let err = |e| StoreError::from_sled(dir, e);
+    let keep: std::collections::HashSet<&[u8]> = record
+        .changes
+        .iter()
+        .map(|(uid, _)| uid.as_bytes())
+        .collect();
+    for key in tree.iter().keys() {
+        let key = key.map_err(err)?;
+        if !keep.contains(key.as_ref()) {
+            tree.remove(key).map_err(err)?;
+        }
+    }
+    for (uid, code) in &record.changes {
+        tree.insert(uid.as_bytes(), &[*code]).map_err(err)?;
+    }
+    crate::storage::store::flush_db(db, dir)?;
+    let mut flip = sled::Batch::default();
+    flip.insert("version", &record.to_version.to_be_bytes());
+    flip.insert("updated_at", &record.confirmed_at.to_be_bytes());
+    flip.remove(PENDING);
+    meta.apply_batch(flip).map_err(err)?;
+    crate::storage::store::flush_db(db, dir)
+}
+
+/// Finishes a list found half-written (the gateway stopped while writing it).
+fn finish_pending(
+    db: &sled::Db,
+    dir: &Path,
+    tree: &sled::Tree,
+    meta: &sled::Tree,
+) -> Result<(), StoreError> {
+    let err = |e| StoreError::from_sled(dir, e);
+    let Some(bytes) = meta.get(PENDING).map_err(err)? else {
+        return Ok(());
+    };
+    match PendingUpdate::decode(&bytes) {
+        Ok(record) => {
+            write_list(db, dir, tree, meta, &record)?;
+            tracing::info!(
+                version = record.to_version,
+                cards = record.changes.len(),
+                "finished writing the site list that was being imported when the gateway stopped"
+            );
+        }
+        Err(why) => {
+            // Which entries reached the disk is unknown: version 0 lets any import
+            // replace the list.
+            tracing::error!(
+                "the site list being imported when the gateway stopped cannot be read back ({why}); its entries may be part old, part new: import the site list again (id06d site-list import)"
+            );
+            let mut flip = sled::Batch::default();
+            flip.insert("version", &0u64.to_be_bytes());
+            flip.remove(PENDING);
+            meta.apply_batch(flip).map_err(err)?;
+            crate::storage::store::flush_db(db, dir)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -332,5 +403,63 @@ mod tests {
         assert_eq!(i.lookup(&uid("04A1B2C3")), None, "replaced whole");
         assert_eq!(i.lookup(&uid("04A1B2C5")), Some(SiteEntry::Ban));
         assert_eq!(i.counts(), (1, 1));
+    }
+
+    #[test]
+    fn a_list_cut_short_by_a_crash_is_finished_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let s = SiteList::open(&db, dir.path()).unwrap();
+        s.replace(
+            &[
+                (uid("04A1B2C3"), SiteEntry::Ban),
+                (uid("04A1B2C4"), SiteEntry::Allow),
+            ],
+            1,
+            UtcMillis(5),
+        )
+        .unwrap();
+        // The next list's record is durable and one of its entries written, as a crash
+        // between them leaves it.
+        let record = PendingUpdate {
+            generation: 0,
+            to_version: 2,
+            confirmed_at: 9,
+            changes: vec![
+                (uid("04A1B2C5"), code(SiteEntry::Allow)),
+                (uid("04A1B2C4"), code(SiteEntry::Ban)),
+            ],
+        };
+        let meta = db.open_tree("site_list_meta").unwrap();
+        meta.insert(PENDING, record.encode()).unwrap();
+        db.open_tree("site_list")
+            .unwrap()
+            .insert(uid("04A1B2C5").as_bytes(), b"a")
+            .unwrap();
+        drop(s);
+        let s = SiteList::open(&db, dir.path()).unwrap();
+        let i = s.index();
+        assert_eq!(i.version, 2);
+        assert_eq!(i.updated_at, Some(UtcMillis(9)));
+        assert_eq!(i.lookup(&uid("04A1B2C3")), None, "replaced whole");
+        assert_eq!(i.lookup(&uid("04A1B2C4")), Some(SiteEntry::Ban));
+        assert_eq!(i.lookup(&uid("04A1B2C5")), Some(SiteEntry::Allow));
+        assert_eq!(meta.get(PENDING).unwrap(), None);
+    }
+
+    #[test]
+    fn a_damaged_record_leaves_version_0_so_that_any_import_replaces_the_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let s = SiteList::open(&db, dir.path()).unwrap();
+        s.replace(&[(uid("04A1B2C3"), SiteEntry::Ban)], 7, UtcMillis(5))
+            .unwrap();
+        let meta = db.open_tree("site_list_meta").unwrap();
+        meta.insert(PENDING, &b"torn"[..]).unwrap();
+        drop(s);
+        let s = SiteList::open(&db, dir.path()).unwrap();
+        assert_eq!(s.index().version, 0);
+        assert_eq!(s.replace(&[], 1, UtcMillis(6)).unwrap(), 0);
+        assert_eq!(s.index().len(), 0);
     }
 }
