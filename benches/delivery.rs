@@ -17,6 +17,8 @@
 //!
 //! Run: `cargo bench -p id06d --bench delivery`.
 
+mod common;
+
 use criterion::Criterion;
 use id06_protocol::{
     CardStatus, CardUid, Decision, Direction, Event, EventSchema, StreamId, UtcMillis,
@@ -403,8 +405,8 @@ fn main() {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(60);
-        let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/id06d");
-        if binary.exists() {
+        let binary = common::shipped_binary();
+        if let Ok(binary) = &binary {
             let mut simulated = String::new();
             for r in 0..4 {
                 simulated.push_str(&format!("[[reader]]\nname = \"r{r}\"\nkind = \"simulated\"\nscript = \"r{r}.txt\"\npoll_ms = 100\ndirection = \"in\"\n"));
@@ -449,7 +451,10 @@ fn main() {
                 ));
             }
         } else {
-            report.push(format!("idle cost not measured: build the release binary first ({} missing; cargo build --release -p id06d)", binary.display()));
+            report.push(format!(
+                "idle cost not measured: {}",
+                binary.err().unwrap_or_default()
+            ));
         }
     }
     c.final_summary();

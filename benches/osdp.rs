@@ -11,15 +11,17 @@
 //! the daemon's own trace line (`id06d::durable`, logged when the outbox commit returns,
 //! before the feedback is queued), its wall-clock time set beside the bench's.
 //!
-//! The daemon is the release binary (`cargo build --release -p id06d` first).
+//! The daemon is the binary as it ships (built into `target/shipped` by the bench, or
+//! `ID06D_BENCH_BIN`).
 //! Run: `cargo bench -p id06d --bench osdp`.
+
+mod common;
 
 use id06_readers::osdp::emulator::Reader;
 use id06_readers::osdp::libosdp::OsdpCommand;
 use id06d::mqtt::broker::LocalBroker;
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,14 +50,13 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
-    let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/id06d");
-    if !binary.exists() {
-        println!(
-            "not measured: build the release binary first ({} missing; cargo build --release -p id06d)",
-            binary.display()
-        );
-        return;
-    }
+    let binary = match common::shipped_binary() {
+        Ok(b) => b,
+        Err(e) => {
+            println!("not measured: {e}");
+            return;
+        }
+    };
     let work = tempfile::tempdir().expect("a scratch directory");
     let broker = LocalBroker::start(&work.path().join("broker"), "").expect("mosquitto");
     let reader = Reader::start(0, Some(KEY)).expect("an OSDP reader");

@@ -19,7 +19,8 @@
 //! names another build of the daemon, measured on the same two data directories for a
 //! before/after comparison in one run.
 //!
-//! The daemon is the release binary (`cargo build --release -p id06d` first).
+//! The daemon is the binary as it ships (built into `target/shipped` by the bench, or
+//! `ID06D_BENCH_BIN`).
 //! Run: `cargo bench -p id06d --bench scale` (about 3 minutes at 5 million cards).
 
 #[path = "common/mod.rs"]
@@ -214,14 +215,13 @@ fn main() {
     let cards: u64 = env_or("ID06D_SCALE_CARDS", 5_000_000u64).max(10);
     let rounds: usize = env_or("ID06D_SCALE_ROUNDS", 5usize).max(1);
     let other: Option<PathBuf> = std::env::var_os("ID06D_SCALE_OTHER").map(Into::into);
-    let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/id06d");
-    if !binary.exists() {
-        eprintln!(
-            "scale: build the release binary first ({} missing; cargo build --release -p id06d)",
-            binary.display()
-        );
-        return;
-    }
+    let binary = match common::shipped_binary() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("scale: not measured: {e}");
+            return;
+        }
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -10,8 +10,8 @@
 //! the fastest possible parts). Its tail is the machine's own: the pty, the disk's sync,
 //! the broker and the scheduler.
 //!
-//! The daemon is the release binary (`cargo build --release -p id06d` first), run as its
-//! own process as on a gateway, logging as the systemd unit has it (`RUST_LOG=info`, a line
+//! The daemon is the binary as it ships (`common::shipped_binary`: built into
+//! `target/shipped`, or `ID06D_BENCH_BIN`), run as its own process as on a gateway, logging as the systemd unit has it (`RUST_LOG=info`, a line
 //! per tap; `ID06D_TAIL_LOG` sets another filter) to a file.
 //!
 //! A VM's neighbours come and go: `ID06D_TAIL_ROUNDS` (default 10) splits the time into
@@ -538,14 +538,14 @@ fn main() {
         .expect("a runtime");
     let work = tempfile::tempdir().expect("a scratch directory");
     let broker = LocalBroker::start(&work.path().join("broker"), "").expect("mosquitto");
-    let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/id06d");
     let mut report = Vec::new();
-    if parts.contains("id06d") && !binary.exists() {
-        report.push(format!(
-            "id06d not measured: build the release binary first ({} missing; cargo build --release -p id06d)",
-            binary.display()
-        ));
-    }
+    let binary = if parts.contains("id06d") {
+        common::shipped_binary()
+            .map_err(|e| report.push(format!("id06d not measured: {e}")))
+            .ok()
+    } else {
+        None
+    };
     let mut runs: Vec<Part> = Vec::new();
     let trace_stages = std::env::var_os("ID06D_TAIL_STAGES").is_some();
     if parts.contains("baseline") {
@@ -553,7 +553,7 @@ fn main() {
             "baseline (line -> file + fdatasync -> raw QoS 1 publish)".into(),
         ));
     }
-    if parts.contains("id06d") && binary.exists() {
+    if binary.is_some() {
         runs.push(Part::new(
             "id06d (line -> debounce, decide, outbox commit -> P/event)".into(),
         ));
@@ -580,7 +580,7 @@ fn main() {
                 baseline_round(&rt, broker.port, work.path(), pace)
             } else {
                 let (bin, terminal) = if name.starts_with("id06d") {
-                    (binary.clone(), "gate-bench")
+                    (binary.clone().unwrap_or_default(), "gate-bench")
                 } else {
                     (other.clone().unwrap_or_default(), "gate-other")
                 };

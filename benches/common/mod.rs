@@ -1,4 +1,4 @@
-//! What the whole-process benches share (`tail`, `scale`): settings from the environment
+//! What the benches share: settings from the environment, the daemon binary as it ships,
 //! and a subscriber that timestamps what arrives.
 #![allow(dead_code)] // each bench uses its part
 
@@ -11,6 +11,33 @@ pub fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// The daemon as it ships, for the benches that run it as a process: `ID06D_BENCH_BIN`,
+/// or built here with `cargo build --release -p id06d --target-dir target/shipped`.
+///
+/// Not `target/release/id06d`: `cargo bench` builds that one again with the features the
+/// dev-dependencies switch on in shared crates (Unicode tables in the log filter's regex,
+/// tokio's test-util, the reader emulators), which is 0.4 MB larger resident than what a
+/// gateway runs and would tilt every comparison with a build made by `cargo build`.
+pub fn shipped_binary() -> Result<std::path::PathBuf, String> {
+    if let Some(bin) = std::env::var_os("ID06D_BENCH_BIN") {
+        return Ok(bin.into());
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = root.join("target/shipped");
+    eprintln!("building the daemon as it ships: cargo build --release -p id06d --target-dir target/shipped");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--release", "-p", "id06d", "--target-dir"])
+        .arg(&target)
+        .current_dir(&root)
+        .status()
+        .map_err(|e| format!("cannot run cargo to build the daemon: {e}"))?;
+    if !status.success() {
+        return Err(format!("building the daemon failed ({status})"));
+    }
+    Ok(target.join("release/id06d"))
 }
 
 /// Milliseconds, for reports.
