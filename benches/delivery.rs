@@ -20,9 +20,7 @@
 mod common;
 
 use criterion::Criterion;
-use id06_protocol::{
-    CardStatus, CardUid, Decision, Direction, Event, EventSchema, StreamId, UtcMillis,
-};
+use id06_protocol::{CardUid, Event, UtcMillis};
 use id06_readers::{Observation, ReaderMessage, Report};
 use id06d::config::Config;
 use id06d::mqtt::broker::LocalBroker;
@@ -38,25 +36,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 fn sample_event(i: u64) -> Event {
-    Event {
-        schema: EventSchema,
-        event_id: String::new(),
-        stream: StreamId::from_random([7; 16]),
-        seq: 0,
-        decision_id: String::new(),
-        site_id: "SE-BENCH".into(),
-        terminal_id: "gate-bench".into(),
-        reader: "r0".into(),
-        direction: Direction::In,
-        card_uid: uid(i),
-        card_status: CardStatus::Unlisted,
-        decision: Decision::Granted,
-        reason: None,
-        blocklist_version: 1207,
-        blocklist_stale: false,
-        occurred_at: UtcMillis(1_795_000_000_000 + i as i64),
-        clock_synced: true,
-    }
+    common::granted_event(uid(i), UtcMillis(1_795_000_000_000 + i as i64))
 }
 
 fn uid(i: u64) -> CardUid {

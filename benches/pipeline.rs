@@ -10,10 +10,10 @@
 //!
 //! Run: `cargo bench -p id06d --bench pipeline`.
 
+mod common;
+
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use id06_protocol::{
-    CardStatus, CardUid, Decision, Direction, Event, EventSchema, StreamId, UtcMillis,
-};
+use id06_protocol::{CardStatus, CardUid, Decision, Event, UtcMillis};
 use id06_readers::Observation;
 use id06d::config::{DebounceSettings, WhenStale};
 use id06d::lists::blocklist::Blocklist;
@@ -139,23 +139,10 @@ fn sample_event(uid: CardUid, status: CardStatus) -> Event {
         WhenStale::Allow,
     );
     Event {
-        schema: EventSchema,
-        event_id: String::new(),
-        stream: StreamId::from_random([7; 16]),
-        seq: 0,
-        decision_id: String::new(),
-        site_id: "SE-0001".into(),
-        terminal_id: "gate-north-1".into(),
-        reader: "entry".into(),
-        direction: Direction::In,
-        card_uid: uid,
         card_status: ruling.card_status,
         decision: ruling.decision,
         reason: ruling.reason,
-        blocklist_version: 1207,
-        blocklist_stale: false,
-        occurred_at: UtcMillis(1_795_000_000_000),
-        clock_synced: true,
+        ..common::granted_event(uid, UtcMillis(1_795_000_000_000))
     }
 }
 

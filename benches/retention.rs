@@ -26,8 +26,7 @@ mod common;
 
 use common::{env_or, ms};
 use id06_protocol::{
-    BlocklistUpdate, CardStatus, CardUid, Decision, Direction, Event, EventSchema, SetEntry,
-    StreamId, UtcMillis, UPDATE_SCHEMA,
+    BlocklistUpdate, CardStatus, CardUid, Event, SetEntry, UtcMillis, UPDATE_SCHEMA,
 };
 use id06d::lists::blocklist::Blocklist;
 use id06d::lists::site_list::{SiteEntry, SiteList};
@@ -38,25 +37,10 @@ use std::time::{Duration, Instant};
 const DAY_MS: i64 = 24 * 3600 * 1000;
 
 fn event(n: u64, at: i64) -> Event {
-    Event {
-        schema: EventSchema,
-        event_id: String::new(),
-        stream: StreamId::from_random([7; 16]),
-        seq: 0,
-        decision_id: String::new(),
-        site_id: "SE-0001".into(),
-        terminal_id: "gate-north-1".into(),
-        reader: "entry".into(),
-        direction: Direction::In,
-        card_uid: CardUid::parse(&format!("04{:012X}", n)).unwrap(),
-        card_status: CardStatus::Unlisted,
-        decision: Decision::Granted,
-        reason: None,
-        blocklist_version: 1207,
-        blocklist_stale: false,
-        occurred_at: UtcMillis(at),
-        clock_synced: true,
-    }
+    common::granted_event(
+        CardUid::parse(&format!("04{n:012X}")).unwrap(),
+        UtcMillis(at),
+    )
 }
 
 /// An outbox in `dir` holding `old` delivered events dated 30 days ago.

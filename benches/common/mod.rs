@@ -40,6 +40,33 @@ pub fn shipped_binary() -> Result<std::path::PathBuf, String> {
     Ok(target.join("release/id06d"))
 }
 
+/// A granted tap's event as the pipeline drafts it (the outbox gives it its stream and seq).
+pub fn granted_event(
+    card_uid: id06_protocol::CardUid,
+    at: id06_protocol::UtcMillis,
+) -> id06_protocol::Event {
+    use id06_protocol::{CardStatus, Decision, Direction, Event, EventSchema, StreamId};
+    Event {
+        schema: EventSchema,
+        event_id: String::new(),
+        stream: StreamId::from_random([7; 16]),
+        seq: 0,
+        decision_id: String::new(),
+        site_id: "SE-BENCH".into(),
+        terminal_id: "gate-bench".into(),
+        reader: "r0".into(),
+        direction: Direction::In,
+        card_uid,
+        card_status: CardStatus::Unlisted,
+        decision: Decision::Granted,
+        reason: None,
+        blocklist_version: 1207,
+        blocklist_stale: false,
+        occurred_at: at,
+        clock_synced: true,
+    }
+}
+
 /// Milliseconds, for reports.
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0

@@ -1250,6 +1250,15 @@ mod tests {
         );
     }
 
+    /// A blocklist in a new directory, replaced by `cards` as version 5.
+    fn list_at_5(cards: &[(CardUid, CardStatus)]) -> (tempfile::TempDir, sled::Db, Blocklist) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let bl = Blocklist::open(&db, dir.path()).unwrap();
+        bl.replace(cards, 5, UtcMillis(0), |_| {}).unwrap();
+        (dir, db, bl)
+    }
+
     /// An update left half-written: its redo record durable and `written` of its changes
     /// in the tree, as a crash between the two leaves it.
     fn half_written(bl: &Blocklist, p: &PendingUpdate, written: usize) {
@@ -1263,14 +1272,10 @@ mod tests {
 
     #[test]
     fn an_update_cut_short_by_a_crash_is_finished_at_the_next_start() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path().join("db")).unwrap();
-        let bl = Blocklist::open(&db, dir.path()).unwrap();
         let a = CardUid::parse("04A1B2C3").unwrap();
         let b = CardUid::parse("04A1B2C3D4E5F6").unwrap();
         let c = CardUid::parse("04A1B2C3D4E5F7").unwrap();
-        bl.replace(&[(a, CardStatus::Blocked)], 5, UtcMillis(0), |_| {})
-            .unwrap();
+        let (dir, db, bl) = list_at_5(&[(a, CardStatus::Blocked)]);
         let p = PendingUpdate {
             generation: bl.generation().unwrap(),
             to_version: 6,
@@ -1298,11 +1303,8 @@ mod tests {
 
     #[test]
     fn an_update_the_disk_refused_half_way_is_finished_before_the_next_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path().join("db")).unwrap();
-        let bl = Blocklist::open(&db, dir.path()).unwrap();
         let a = CardUid::parse("04A1B2C3").unwrap();
-        bl.replace(&[], 5, UtcMillis(0), |_| {}).unwrap();
+        let (_dir, _db, bl) = list_at_5(&[]);
         let p = PendingUpdate {
             generation: bl.generation().unwrap(),
             to_version: 6,
@@ -1329,11 +1331,8 @@ mod tests {
 
     #[test]
     fn a_half_written_update_of_a_list_since_replaced_is_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path().join("db")).unwrap();
-        let bl = Blocklist::open(&db, dir.path()).unwrap();
         let a = CardUid::parse("04A1B2C3").unwrap();
-        bl.replace(&[], 5, UtcMillis(0), |_| {}).unwrap();
+        let (dir, db, bl) = list_at_5(&[]);
         let older = PendingUpdate {
             generation: bl.generation().unwrap() + 7,
             to_version: 6,
@@ -1350,12 +1349,8 @@ mod tests {
 
     #[test]
     fn a_damaged_update_record_keeps_the_cards_without_a_version_until_a_snapshot() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path().join("db")).unwrap();
-        let bl = Blocklist::open(&db, dir.path()).unwrap();
         let a = CardUid::parse("04A1B2C3").unwrap();
-        bl.replace(&[(a, CardStatus::Blocked)], 5, UtcMillis(0), |_| {})
-            .unwrap();
+        let (dir, db, bl) = list_at_5(&[(a, CardStatus::Blocked)]);
         bl.meta
             .insert(PENDING_UPDATE, &b"not a record"[..])
             .unwrap();
@@ -1373,11 +1368,8 @@ mod tests {
 
     #[test]
     fn a_card_both_cleared_and_set_in_one_update_is_set_before_and_after_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path().join("db")).unwrap();
-        let bl = Blocklist::open(&db, dir.path()).unwrap();
         let a = CardUid::parse("04A1B2C3").unwrap();
-        bl.replace(&[], 5, UtcMillis(0), |_| {}).unwrap();
+        let (dir, db, bl) = list_at_5(&[]);
         let u = update(5, 6, &[("04A1B2C3", CardStatus::Blocked)], &["04A1B2C3"]);
         assert_eq!(bl.apply_update(&u, UtcMillis(1)), Ok(6));
         assert_eq!(bl.index().lookup(&a), Some(CardStatus::Blocked));
