@@ -8,6 +8,8 @@
 //!   lowered `keep_days`, or a busy site's first prune after an upgrade); the daemon prunes
 //!   them on a blocking thread at start and hourly.
 //! - `update`: a blocklist update with many changes arrives on the list session.
+//! - `compaction`: an update takes the changes past the threshold, and the list is written
+//!   whole as a new base (its file, its saved index, the old generation's tree dropped).
 //! - `site list`: a site's own list is imported whole (`id06d site-list import`).
 //!
 //! Here each happens in one process while taps are recorded every 5 ms the way the pipeline
@@ -28,7 +30,7 @@ use common::{env_or, ms};
 use id06_protocol::{
     BlocklistUpdate, CardStatus, CardUid, Event, SetEntry, UtcMillis, UPDATE_SCHEMA,
 };
-use id06d::lists::blocklist::Blocklist;
+use id06d::lists::blocklist::{Blocklist, COMPACT_AFTER};
 use id06d::lists::site_list::{SiteEntry, SiteList};
 use id06d::storage::outbox::Outbox;
 use id06d::storage::store::Store;
@@ -59,6 +61,23 @@ fn filled(dir: &std::path::Path, old: u64) -> (Store, Outbox) {
     }
     outbox.checkpoint().unwrap();
     (store, outbox)
+}
+
+/// An update from `version` setting `n` cards of their own (blocked).
+fn update(version: u64, n: u64) -> BlocklistUpdate {
+    BlocklistUpdate {
+        schema: UPDATE_SCHEMA.into(),
+        from_version: version,
+        to_version: version + 1,
+        set: (0..n)
+            .map(|i| SetEntry {
+                card_uid: CardUid::parse(&format!("04{:012X}", (version * n + i) * 7919)).unwrap(),
+                status: CardStatus::Blocked,
+            })
+            .collect(),
+        clear: Vec::new(),
+        signature: None,
+    }
 }
 
 struct Taps {
@@ -110,6 +129,7 @@ fn summary(name: &str, d: &mut [Duration]) -> (f64, String) {
 enum Load {
     Prune,
     Update,
+    Compaction,
     SiteList,
     Quiet,
 }
@@ -123,7 +143,13 @@ fn main() {
     let rounds: usize = env_or("ID06D_PRUNE_ROUNDS", 3);
     let mut report = Vec::new();
     for round in 1..=rounds {
-        for load in [Load::Prune, Load::Update, Load::SiteList, Load::Quiet] {
+        for load in [
+            Load::Prune,
+            Load::Update,
+            Load::Compaction,
+            Load::SiteList,
+            Load::Quiet,
+        ] {
             let dir = tempfile::tempdir().unwrap();
             eprintln!("round {round}: filling a store with {old} old delivered events");
             let (store, outbox) = filled(dir.path(), old);
@@ -140,21 +166,20 @@ fn main() {
                     let took = ms(started.elapsed());
                     (taps, format!("pruning {old} events ({took:.0} ms)"))
                 }
-                Load::Update => {
+                Load::Update | Load::Compaction => {
                     let list = Blocklist::open(&store.db, dir.path()).unwrap();
-                    let update = BlocklistUpdate {
-                        schema: UPDATE_SCHEMA.into(),
-                        from_version: 0,
-                        to_version: 1,
-                        set: (0..changes)
-                            .map(|i| SetEntry {
-                                card_uid: CardUid::parse(&format!("04{:012X}", i * 7919)).unwrap(),
-                                status: CardStatus::Blocked,
-                            })
-                            .collect(),
-                        clear: Vec::new(),
-                        signature: None,
-                    };
+                    let mut version = 0;
+                    if load == Load::Compaction {
+                        // Changes pile up to the threshold; the next update folds them and
+                        // the list into a new base.
+                        while (version + 1) * changes <= COMPACT_AFTER as u64 {
+                            list.apply_update(&update(version, changes), UtcMillis::now())
+                                .unwrap();
+                            version += 1;
+                        }
+                    }
+                    let update = update(version, changes);
+                    let started = Instant::now();
                     let thread = std::thread::spawn(move || {
                         list.apply_update(&update, UtcMillis::now())
                             .map_err(|e| format!("{e:?}"))
@@ -162,10 +187,15 @@ fn main() {
                     let taps = record_taps(&outbox, 20, || thread.is_finished());
                     thread.join().unwrap().unwrap();
                     let took = ms(started.elapsed());
-                    (
-                        taps,
-                        format!("a blocklist update of {changes} cards ({took:.0} ms)"),
-                    )
+                    let what = if load == Load::Compaction {
+                        format!(
+                            "a blocklist update of {changes} cards that compacts {} changes ({took:.0} ms)",
+                            (version + 1) * changes
+                        )
+                    } else {
+                        format!("a blocklist update of {changes} cards ({took:.0} ms)")
+                    };
+                    (taps, what)
                 }
                 Load::SiteList => {
                     let list = SiteList::open(&store.db, dir.path()).unwrap();
@@ -218,6 +248,7 @@ fn main() {
     for (load, name) in [
         (Load::Prune, "pruning"),
         (Load::Update, "an update"),
+        (Load::Compaction, "a compaction"),
         (Load::SiteList, "a site list import"),
     ] {
         println!(
