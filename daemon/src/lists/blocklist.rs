@@ -802,10 +802,13 @@ impl Blocklist {
             confirmed_at: now.as_millis(),
             changes,
         };
-        self.meta
-            .insert(PENDING_UPDATE, pending.encode())
-            .map_err(|e| storage(self.err(e)))?;
-        crate::storage::store::flush_db(&self.db, &self.dir).map_err(storage)?;
+        if !pending.changes.is_empty() {
+            // A confirmation (no changes) is the version's flip alone.
+            self.meta
+                .insert(PENDING_UPDATE, pending.encode())
+                .map_err(|e| storage(self.err(e)))?;
+            crate::storage::store::flush_db(&self.db, &self.dir).map_err(storage)?;
+        }
         self.write_changes(&pending).map_err(storage)?;
         let set: Vec<(CardUid, CardStatus)> =
             update.set.iter().map(|e| (e.card_uid, e.status)).collect();
@@ -846,7 +849,9 @@ impl Blocklist {
             tree.insert(delta_key(uid), &[*code])
                 .map_err(|e| self.err(e))?;
         }
-        crate::storage::store::flush_db(&self.db, &self.dir)?;
+        if !p.changes.is_empty() {
+            crate::storage::store::flush_db(&self.db, &self.dir)?;
+        }
         let mut flip = sled::Batch::default();
         flip.insert(VERSION, &p.to_version.to_be_bytes());
         flip.insert(CONFIRMED_AT, &p.confirmed_at.to_be_bytes());
