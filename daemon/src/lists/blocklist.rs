@@ -25,7 +25,7 @@
 
 use crate::lists::base::{read_base, BaseWriter};
 use crate::lists::index::{CompactIndex, IndexFile};
-use crate::lists::pending::PendingUpdate;
+use crate::lists::pending::{self, PendingUpdate};
 use crate::storage::store::{decode_i64, decode_u64, StoreError};
 use arc_swap::ArcSwap;
 use id06_protocol::{BlocklistUpdate, CardStatus, CardUid, SnapshotChunk, UtcMillis};
@@ -745,15 +745,8 @@ impl Blocklist {
             Pending::None => {}
             Pending::Finished(p) => {
                 *deltas += p.changes.len();
-                let (set, clear) = split_changes(&p.changes);
-                let current = self.index();
-                let entries = Arc::new(current.entries.with_changes(&set, &clear));
-                drop(current);
-                self.publish(BlocklistIndex {
-                    entries,
-                    version: p.to_version,
-                    confirmed_at: Some(UtcMillis(p.confirmed_at)),
-                });
+                let next = index_after(&self.index(), &p);
+                self.publish(next);
             }
             Pending::Damaged => {
                 let current = self.index();
@@ -804,26 +797,13 @@ impl Blocklist {
         };
         if !pending.changes.is_empty() {
             // A confirmation (no changes) is the version's flip alone.
-            self.meta
-                .insert(PENDING_UPDATE, pending.encode())
-                .map_err(|e| storage(self.err(e)))?;
-            crate::storage::store::flush_db(&self.db, &self.dir).map_err(storage)?;
+            pending::begin(&self.db, &self.dir, &self.meta, PENDING_UPDATE, &pending)
+                .map_err(storage)?;
         }
         self.write_changes(&pending).map_err(storage)?;
-        let set: Vec<(CardUid, CardStatus)> =
-            update.set.iter().map(|e| (e.card_uid, e.status)).collect();
-        let entries = if update.is_empty() {
-            current.entries.clone()
-        } else {
-            Arc::new(current.entries.with_changes(&set, &update.clear))
-        };
+        let next = index_after(&current, &pending);
         drop(current); // the writer's own reference must not keep the old index alive
-        *deltas += update.set.len() + update.clear.len();
-        let next = BlocklistIndex {
-            entries,
-            version: update.to_version,
-            confirmed_at: Some(now),
-        };
+        *deltas += pending.changes.len();
         if *deltas > self.compact_after {
             // Fold the changes into a new base; on failure the changes stay valid as
             // they are.
@@ -852,12 +832,11 @@ impl Blocklist {
         if !p.changes.is_empty() {
             crate::storage::store::flush_db(&self.db, &self.dir)?;
         }
-        let mut flip = sled::Batch::default();
-        flip.insert(VERSION, &p.to_version.to_be_bytes());
-        flip.insert(CONFIRMED_AT, &p.confirmed_at.to_be_bytes());
-        flip.remove(PENDING_UPDATE);
-        self.meta.apply_batch(flip).map_err(|e| self.err(e))?;
-        crate::storage::store::flush_db(&self.db, &self.dir)
+        let values = [
+            (VERSION, p.to_version.to_be_bytes()),
+            (CONFIRMED_AT, p.confirmed_at.to_be_bytes()),
+        ];
+        pending::end(&self.db, &self.dir, &self.meta, PENDING_UPDATE, &values)
     }
 
     /// Finishes an update found half-written in the database (the gateway stopped, or the
@@ -889,11 +868,8 @@ impl Blocklist {
                 tracing::error!(
                     "the blocklist update being written when the gateway stopped cannot be read back ({why}); the list keeps its cards but its version is now 0 until the next snapshot replaces it"
                 );
-                let mut flip = sled::Batch::default();
-                flip.insert(VERSION, &0u64.to_be_bytes());
-                flip.remove(PENDING_UPDATE);
-                self.meta.apply_batch(flip).map_err(|e| self.err(e))?;
-                crate::storage::store::flush_db(&self.db, &self.dir)?;
+                let values = [(VERSION, 0u64.to_be_bytes())];
+                pending::end(&self.db, &self.dir, &self.meta, PENDING_UPDATE, &values)?;
                 Ok(Pending::Damaged)
             }
         }
@@ -943,18 +919,28 @@ fn delta_key(uid: &CardUid) -> Vec<u8> {
     k
 }
 
-/// Stored changes as the index takes them: cards set (with their status) and cleared.
-fn split_changes(changes: &[(CardUid, u8)]) -> (Vec<(CardUid, CardStatus)>, Vec<CardUid>) {
-    let mut set = Vec::new();
-    let mut clear = Vec::new();
-    for (uid, code) in changes {
-        if *code == CLEARED {
-            clear.push(*uid);
-        } else if let Some(status) = CardStatus::from_code(*code) {
-            set.push((*uid, status));
+/// The list in force once the update `p` is: `current` with its changes, its version and
+/// its time (the same changes, in the same order, as the database holds).
+fn index_after(current: &BlocklistIndex, p: &PendingUpdate) -> BlocklistIndex {
+    let entries = if p.changes.is_empty() {
+        current.entries.clone()
+    } else {
+        let mut set = Vec::new();
+        let mut clear = Vec::new();
+        for (uid, code) in &p.changes {
+            if *code == CLEARED {
+                clear.push(*uid);
+            } else if let Some(status) = CardStatus::from_code(*code) {
+                set.push((*uid, status));
+            }
         }
+        Arc::new(current.entries.with_changes(&set, &clear))
+    };
+    BlocklistIndex {
+        entries,
+        version: p.to_version,
+        confirmed_at: Some(UtcMillis(p.confirmed_at)),
     }
-    (set, clear)
 }
 
 /// What [`Blocklist::finish_pending`] found.

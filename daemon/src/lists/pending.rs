@@ -16,7 +16,9 @@
 //! each, big-endian), count (4 bytes), then per change the UID's length (1 byte), the UID
 //! and the stored code (1 byte), and a CRC-32 of everything before it (4 bytes).
 
+use crate::storage::store::{flush_db, StoreError};
 use id06_protocol::CardUid;
+use std::path::Path;
 
 /// The layout written by this version.
 pub const FORMAT: u8 = 1;
@@ -110,6 +112,40 @@ impl PendingUpdate {
             changes,
         })
     }
+}
+
+/// Stores `record` under `key` in `meta` and syncs it: nothing of the write it describes may
+/// reach the disk before it.
+pub(crate) fn begin(
+    db: &sled::Db,
+    dir: &Path,
+    meta: &sled::Tree,
+    key: &[u8],
+    record: &PendingUpdate,
+) -> Result<(), StoreError> {
+    meta.insert(key, record.encode())
+        .map_err(|e| StoreError::from_sled(dir, e))?;
+    flush_db(db, dir)
+}
+
+/// Ends a write: the `values` (the list's version and time) set and the record under `key`
+/// removed in one small batch, synced. With a record that could not be read, `values` is
+/// the version 0 that says the list's contents are not known.
+pub(crate) fn end(
+    db: &sled::Db,
+    dir: &Path,
+    meta: &sled::Tree,
+    key: &[u8],
+    values: &[(&[u8], [u8; 8])],
+) -> Result<(), StoreError> {
+    let mut flip = sled::Batch::default();
+    for (k, v) in values {
+        flip.insert(*k, &v[..]);
+    }
+    flip.remove(key);
+    meta.apply_batch(flip)
+        .map_err(|e| StoreError::from_sled(dir, e))?;
+    flush_db(db, dir)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@
 //! still all or nothing. Lookups are served from an immutable in-memory map swapped whole
 //! on every change (site lists hold hundreds or thousands of cards).
 
-use crate::lists::pending::PendingUpdate;
+use crate::lists::pending::{self, PendingUpdate};
 use crate::storage::store::{decode_i64, decode_u64, StoreError};
 use arc_swap::ArcSwap;
 use id06_protocol::{CardUid, UtcMillis};
@@ -256,8 +256,7 @@ impl SiteList {
             confirmed_at: now.as_millis(),
             changes: entries.iter().map(|(uid, e)| (*uid, code(*e))).collect(),
         };
-        meta.insert(PENDING, record.encode()).map_err(err)?;
-        crate::storage::store::flush_db(&self.db, &self.dir)?;
+        pending::begin(&self.db, &self.dir, &meta, PENDING, &record)?;
         write_list(&self.db, &self.dir, &tree, &meta, &record)?;
         self.current.store(Arc::new(SiteIndex {
             entries: entries.iter().copied().collect(),
@@ -304,12 +303,11 @@ fn write_list(
         tree.insert(uid.as_bytes(), &[*code]).map_err(err)?;
     }
     crate::storage::store::flush_db(db, dir)?;
-    let mut flip = sled::Batch::default();
-    flip.insert("version", &record.to_version.to_be_bytes());
-    flip.insert("updated_at", &record.confirmed_at.to_be_bytes());
-    flip.remove(PENDING);
-    meta.apply_batch(flip).map_err(err)?;
-    crate::storage::store::flush_db(db, dir)
+    let values = [
+        (&b"version"[..], record.to_version.to_be_bytes()),
+        (&b"updated_at"[..], record.confirmed_at.to_be_bytes()),
+    ];
+    pending::end(db, dir, meta, PENDING, &values)
 }
 
 /// Finishes a list found half-written (the gateway stopped while writing it).
@@ -338,11 +336,7 @@ fn finish_pending(
             tracing::error!(
                 "the site list being imported when the gateway stopped cannot be read back ({why}); its entries may be part old, part new: import the site list again (id06d site-list import)"
             );
-            let mut flip = sled::Batch::default();
-            flip.insert("version", &0u64.to_be_bytes());
-            flip.remove(PENDING);
-            meta.apply_batch(flip).map_err(err)?;
-            crate::storage::store::flush_db(db, dir)?;
+            pending::end(db, dir, meta, PENDING, &[(b"version", 0u64.to_be_bytes())])?;
         }
     }
     Ok(())
