@@ -17,7 +17,8 @@
 //! A VM's neighbours come and go: `ID06D_TAIL_ROUNDS` (default 10) splits the time into
 //! rounds that take turns, so that a noisy minute falls on every part alike.
 //! `ID06D_TAIL_OTHER=/path/to/an/older/id06d` adds a third part, another build of the
-//! daemon, for a before/after comparison in one run.
+//! daemon, for a before/after comparison in one run; `ID06D_TAIL_OTHER_LOG` gives it its
+//! own log filter (the same binary at another log level, say).
 //!
 //! Run: `cargo bench -p id06d --bench tail` (`ID06D_TAIL_PARTS=id06d` or `=baseline` for
 //! one of the two).
@@ -338,16 +339,27 @@ fn baseline_round(
     result
 }
 
+/// A daemon part: which binary, its terminal's name and its log filter.
+struct Gateway<'a> {
+    binary: std::path::PathBuf,
+    terminal: &'a str,
+    level: &'a str,
+}
+
 /// One round of a daemon binary, on its data directory in `dir` (kept between rounds).
 fn daemon_round(
     rt: &tokio::runtime::Runtime,
-    binary: &Path,
+    gateway: &Gateway,
     port: u16,
     dir: &Path,
-    terminal: &str,
     pace: Pace,
     stages: Option<&mut Vec<Stages>>,
 ) -> (Vec<Timed>, usize) {
+    let Gateway {
+        binary,
+        terminal,
+        level,
+    } = gateway;
     let _enter = rt.enter();
     let mut peer = PtyPeer::open().expect("a pty");
     std::fs::create_dir_all(dir).expect("the gateway's directory");
@@ -360,12 +372,10 @@ fn daemon_round(
         ),
     )
     .expect("the configuration");
-    // Logging as on a gateway (the unit's RUST_LOG=info: a line per tap), or as asked.
-    let level: String = env_or("ID06D_TAIL_LOG", "info".to_string());
     let filter = if stages.is_some() {
         format!("{level},id06_readers::line=debug,id06d::stages=trace,id06d::durable=trace")
     } else {
-        level
+        level.to_string()
     };
     let mut child = std::process::Command::new(binary)
         .args(["run", "--config"])
@@ -412,6 +422,11 @@ struct Stages {
     /// [pty -> line read, line read -> pipeline, pipeline -> durable, durable -> on the
     /// socket, on the socket -> at the subscriber]
     parts: [i128; 5],
+    /// Whether an outbox checkpoint ran while the card was being committed (taken ->
+    /// durable).
+    met_checkpoint: bool,
+    /// How long before the card was taken the last outbox checkpoint ended.
+    after_checkpoint: Option<i128>,
 }
 
 const STAGE_NAMES: [&str; 5] = [
@@ -439,6 +454,8 @@ fn stages_of(log: &str, timed: &[Timed]) -> Vec<Stages> {
     let mut durable = HashMap::new();
     let mut pos_of = HashMap::new();
     let mut sent = HashMap::new();
+    let mut checkpoints: Vec<(i128, i128)> = Vec::new();
+    let mut begun: Option<i128> = None;
     for l in log.lines() {
         let Some(at) = l
             .split_whitespace()
@@ -465,6 +482,12 @@ fn stages_of(log: &str, timed: &[Timed]) -> Vec<Stages> {
             if let Some(p) = field(l, "pos") {
                 sent.insert(p, at);
             }
+        } else if l.contains(" checkpoint begun") {
+            begun = Some(at);
+        } else if l.contains(" checkpoint done") {
+            if let Some(b) = begun.take() {
+                checkpoints.push((b, at));
+            }
         }
     }
     timed
@@ -476,6 +499,12 @@ fn stages_of(log: &str, timed: &[Timed]) -> Vec<Stages> {
             Some(Stages {
                 total: t.latency.as_nanos() as i128,
                 parts: [r - t.written_ns, k - r, d - k, s - d, received - s],
+                met_checkpoint: checkpoints.iter().any(|&(b, e)| b <= *d && e >= *k),
+                after_checkpoint: checkpoints
+                    .iter()
+                    .filter(|&&(_, e)| e <= *k)
+                    .map(|&(_, e)| k - e)
+                    .min(),
             })
         })
         .collect()
@@ -507,6 +536,7 @@ fn stage_report(mut all: Vec<Stages>) -> Vec<String> {
         let worst = (0..5).max_by_key(|&i| s.parts[i] - medians[i]).unwrap_or(0);
         dominant[worst] += 1;
     }
+    let met = |v: &[Stages]| v.iter().filter(|s| s.met_checkpoint).count();
     let mut out = vec![format!(
         "stages of {} cards (slowest 1 %: {} cards at or above {:.2} ms), in us: median / p99 of all; median of the slowest; slowest cards this stage was furthest above its median for",
         all.len(),
@@ -522,6 +552,33 @@ fn stage_report(mut all: Vec<Stages>) -> Vec<String> {
             dominant[i]
         ));
     }
+    out.push(format!(
+        "  committed while an outbox checkpoint ran: {} of all cards, {} of the slowest",
+        met(&all),
+        met(&slow)
+    ));
+    let after = |v: &[Stages]| {
+        let mut x: Vec<i128> = v.iter().filter_map(|s| s.after_checkpoint).collect();
+        x.sort();
+        let quartile = |p: f64| {
+            if x.is_empty() {
+                0.0
+            } else {
+                us(percentile(&x, p)) / 1000.0
+            }
+        };
+        format!(
+            "{:.0} / {:.0} / {:.0}",
+            quartile(0.25),
+            quartile(0.5),
+            quartile(0.75)
+        )
+    };
+    out.push(format!(
+        "  taken this long after the last checkpoint ended, ms (quartiles): all cards {}; the slowest {}",
+        after(&all),
+        after(&slow)
+    ));
     out
 }
 
@@ -558,8 +615,14 @@ fn main() {
             "id06d (line -> debounce, decide, outbox commit -> P/event)".into(),
         ));
     }
+    // Logging as on a gateway (the unit's RUST_LOG=info: a line per tap), or as asked.
+    let level: String = env_or("ID06D_TAIL_LOG", "info".to_string());
+    let other_level: String = env_or("ID06D_TAIL_OTHER_LOG", level.clone());
     if let Some(o) = &other {
-        runs.push(Part::new(format!("other build {}", o.display())));
+        runs.push(Part::new(format!(
+            "other build {} (RUST_LOG={other_level})",
+            o.display()
+        )));
     }
     let per_round = (secs / rounds).max(1);
     eprintln!(
@@ -579,17 +642,24 @@ fn main() {
             let (l, m) = if name.starts_with("baseline") {
                 baseline_round(&rt, broker.port, work.path(), pace)
             } else {
-                let (bin, terminal) = if name.starts_with("id06d") {
-                    (binary.clone().unwrap_or_default(), "gate-bench")
+                let gateway = if name.starts_with("id06d") {
+                    Gateway {
+                        binary: binary.clone().unwrap_or_default(),
+                        terminal: "gate-bench",
+                        level: &level,
+                    }
                 } else {
-                    (other.clone().unwrap_or_default(), "gate-other")
+                    Gateway {
+                        binary: other.clone().unwrap_or_default(),
+                        terminal: "gate-other",
+                        level: &other_level,
+                    }
                 };
                 daemon_round(
                     &rt,
-                    &bin,
+                    &gateway,
                     broker.port,
                     &work.path().join(format!("gateway{i}")),
-                    terminal,
                     pace,
                     trace_stages.then_some(&mut part.stages),
                 )

@@ -206,6 +206,16 @@ impl Drop for Committed {
     }
 }
 
+/// Logs its message (trace, target `id06d::stages`) when dropped: the end of a stretch of
+/// work that has more than one way out.
+struct TraceOnDrop(&'static str);
+
+impl Drop for TraceOnDrop {
+    fn drop(&mut self) {
+        tracing::trace!(target: "id06d::stages", "{}", self.0);
+    }
+}
+
 /// A message to the checkpoint thread.
 enum Checkpoint {
     /// A commit found one due.
@@ -638,6 +648,8 @@ impl Outbox {
         // No acknowledgement between the flush and clearing their log: each is either in
         // the flushed database or still in the log.
         let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
+        tracing::trace!(target: "id06d::stages", "checkpoint begun");
+        let _done = TraceOnDrop("checkpoint done");
         self.store.flush()?;
         // The mark first: once it names the next epoch and the exact last position, the
         // log may be emptied (a crash in between leaves a log of the previous epoch, whose
