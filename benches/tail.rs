@@ -20,8 +20,13 @@
 //! daemon, for a before/after comparison in one run; `ID06D_TAIL_OTHER_LOG` gives it its
 //! own log filter (the same binary at another log level, say).
 //!
-//! Run: `cargo bench -p id06d --bench tail` (`ID06D_TAIL_PARTS=id06d` or `=baseline` for
-//! one of the two).
+//! The floor under both, also in the same run: the disk alone (`disk_round`), doing per
+//! tap what the outbox's log does, timed from the write to the sync's return. Where its
+//! p99 is above twice the daemon's median, no design that syncs before it publishes can
+//! hold p99 within 2x the median on that machine in that run.
+//!
+//! Run: `cargo bench -p id06d --bench tail` (`ID06D_TAIL_PARTS` picks from
+//! `disk,baseline,id06d`, all three by default).
 //!
 //! `ID06D_TAIL_STAGES=1` has the daemon log each card's way through it (the line read, the
 //! pipeline taking the tap, the commit, the event on the socket) and reports where the time
@@ -310,6 +315,53 @@ fn line(name: &str, f: &Figures) -> String {
     )
 }
 
+/// One round of the disk alone: what the outbox's log does per tap (about 1 KiB written in
+/// place into a file written with zeros beforehand, then `fdatasync`), at the same pace,
+/// timed from the write to the sync's return. No tap that waits for its record to be on
+/// disk can have a tail below this one.
+fn disk_round(dir: &Path, pace: Pace) -> (Vec<Timed>, usize) {
+    use std::os::unix::fs::FileExt;
+    const FILE: u64 = 2 << 20;
+    let record = [0x5au8; 1000];
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join("disk-probe"))
+        .expect("the probe's file");
+    file.write_all_at(&vec![0u8; FILE as usize], 0)
+        .expect("zeros");
+    file.sync_all().expect("sync");
+    let total = pace.rate * pace.secs;
+    let warmup = (pace.rate * 2).min(total / 10);
+    let period = Duration::from_secs(1) / pace.rate as u32;
+    let start = Instant::now();
+    let mut at = 0u64;
+    let mut out = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        if let Some(wait) = (start + period * i as u32).checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        if at + record.len() as u64 > FILE {
+            at = 0;
+        }
+        let (written_ns, t0) = (wall_ns(), Instant::now());
+        file.write_all_at(&record, at).expect("write");
+        file.sync_data().expect("fdatasync");
+        let latency = t0.elapsed();
+        at += record.len() as u64;
+        if i >= warmup {
+            out.push(Timed {
+                uid: card(pace.first_card + i),
+                written_ns,
+                latency,
+            });
+        }
+    }
+    (out, 0)
+}
+
 /// One round of the hand-written bridge.
 fn baseline_round(
     rt: &tokio::runtime::Runtime,
@@ -587,7 +639,7 @@ fn main() {
     let secs: u64 = env_or("ID06D_TAIL_SECS", 600);
     let rate: u64 = env_or("ID06D_TAIL_RATE", 20).max(1);
     let rounds: u64 = env_or("ID06D_TAIL_ROUNDS", 10).clamp(1, secs.max(1));
-    let parts: String = env_or("ID06D_TAIL_PARTS", "baseline,id06d".to_string());
+    let parts: String = env_or("ID06D_TAIL_PARTS", "disk,baseline,id06d".to_string());
     let other: Option<std::path::PathBuf> = std::env::var_os("ID06D_TAIL_OTHER").map(Into::into);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -605,6 +657,11 @@ fn main() {
     };
     let mut runs: Vec<Part> = Vec::new();
     let trace_stages = std::env::var_os("ID06D_TAIL_STAGES").is_some();
+    if parts.contains("disk") {
+        runs.push(Part::new(
+            "disk (1 KiB written in place + fdatasync, nothing else)".into(),
+        ));
+    }
     if parts.contains("baseline") {
         runs.push(Part::new(
             "baseline (line -> file + fdatasync -> raw QoS 1 publish)".into(),
@@ -639,7 +696,9 @@ fn main() {
                 secs: per_round,
                 first_card: next_card,
             };
-            let (l, m) = if name.starts_with("baseline") {
+            let (l, m) = if name.starts_with("disk") {
+                disk_round(work.path(), pace)
+            } else if name.starts_with("baseline") {
                 baseline_round(&rt, broker.port, work.path(), pace)
             } else {
                 let gateway = if name.starts_with("id06d") {
@@ -684,7 +743,7 @@ fn main() {
     for part in runs {
         report.push(line(&part.name, &figures(part.timed, part.missing)));
         report.push(rounds_line(part.round_ratios));
-        if trace_stages && !part.name.starts_with("baseline") {
+        if trace_stages && (part.name.starts_with("id06d") || part.name.starts_with("other")) {
             report.extend(stage_report(part.stages));
         }
     }
