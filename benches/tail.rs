@@ -11,8 +11,9 @@
 //! the broker and the scheduler.
 //!
 //! The daemon is the binary as it ships (`common::shipped_binary`: built into
-//! `target/shipped`, or `ID06D_BENCH_BIN`), run as its own process as on a gateway, logging as the systemd unit has it (`RUST_LOG=info`, a line
-//! per tap; `ID06D_TAIL_LOG` sets another filter) to a file.
+//! `target/shipped`, or `ID06D_BENCH_BIN`), run as its own process as on a gateway,
+//! logging as the systemd unit has it (`RUST_LOG=info`, a line per tap; `ID06D_TAIL_LOG`
+//! sets another filter) to a file.
 //!
 //! A VM's neighbours come and go: `ID06D_TAIL_ROUNDS` (default 10) splits the time into
 //! rounds that take turns, so that a noisy minute falls on every part alike.
@@ -95,6 +96,19 @@ struct Pace {
     first_card: u64,
 }
 
+impl Pace {
+    /// Cards written in the round.
+    fn total(&self) -> u64 {
+        self.rate * self.secs
+    }
+
+    /// The first of them, up to two seconds' worth, warm the caches and the connections:
+    /// written, not timed.
+    fn warmup(&self) -> u64 {
+        (self.rate * 2).min(self.total() / 10)
+    }
+}
+
 /// Writes one card every `1/rate` s to `peer` for `secs`, then waits for the stragglers;
 /// the latency of each card whose message arrived, in the order written.
 fn drive(
@@ -106,9 +120,7 @@ fn drive(
     pace: Pace,
 ) -> (Vec<Timed>, usize) {
     let Pace {
-        rate,
-        secs,
-        first_card,
+        rate, first_card, ..
     } = pace;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let (ready_tx, ready) = tokio::sync::oneshot::channel();
@@ -119,9 +131,7 @@ fn drive(
             .expect("subscribed within 10 s")
             .expect("subscribed");
     });
-    let total = rate * secs;
-    // The first two seconds warm the caches and the connections: written, not timed.
-    let warmup = (rate * 2).min(total / 10);
+    let (total, warmup) = (pace.total(), pace.warmup());
     let mut written: HashMap<String, (Instant, i128)> = HashMap::with_capacity(total as usize);
     let mut latencies: Vec<Timed> = Vec::with_capacity(total as usize);
     let arrived = |written: &HashMap<String, (Instant, i128)>,
@@ -315,8 +325,9 @@ fn line(name: &str, f: &Figures) -> String {
     )
 }
 
-/// One round of the disk alone: what the outbox's log does per tap (about 1 KiB written in
-/// place into a file written with zeros beforehand, then `fdatasync`), at the same pace,
+/// One round of the disk alone: what the outbox's log does per tap (1 000 bytes, about a
+/// tap's record, written in place into a file written with zeros beforehand, then
+/// `fdatasync`), at the same pace,
 /// timed from the write to the sync's return. No tap that waits for its record to be on
 /// disk can have a tail below this one.
 fn disk_round(dir: &Path, pace: Pace) -> (Vec<Timed>, usize) {
@@ -333,8 +344,7 @@ fn disk_round(dir: &Path, pace: Pace) -> (Vec<Timed>, usize) {
     file.write_all_at(&vec![0u8; FILE as usize], 0)
         .expect("zeros");
     file.sync_all().expect("sync");
-    let total = pace.rate * pace.secs;
-    let warmup = (pace.rate * 2).min(total / 10);
+    let (total, warmup) = (pace.total(), pace.warmup());
     let period = Duration::from_secs(1) / pace.rate as u32;
     let start = Instant::now();
     let mut at = 0u64;
@@ -659,7 +669,7 @@ fn main() {
     let trace_stages = std::env::var_os("ID06D_TAIL_STAGES").is_some();
     if parts.contains("disk") {
         runs.push(Part::new(
-            "disk (1 KiB written in place + fdatasync, nothing else)".into(),
+            "disk (1 000 bytes written in place + fdatasync, nothing else)".into(),
         ));
     }
     if parts.contains("baseline") {
